@@ -1,0 +1,8 @@
+"""autodeploy: turn a PyTorch causal LM into a fast cached inference engine, without rewriting it."""
+
+from autodeploy import custom_ops  # noqa: F401  (registers the autodeploy:: ops)
+from autodeploy.export import ExportError, export_model
+
+__version__ = "0.1.0"
+
+__all__ = ["ExportError", "export_model", "__version__"]

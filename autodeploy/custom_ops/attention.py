@@ -1,0 +1,79 @@
+"""Canonical attention op: ``autodeploy::attention``.
+
+Causal attention over one contiguous sequence per batch row, in the layout the model produced
+(``[batch, seq, heads, head_dim]``), so no transpose or ``repeat_kv`` has to stay in the graph.
+Everything that changes the math is an argument: GQA/MQA (by head ratio), scale, sliding window
+(HF convention: query ``i`` sees keys ``i-W+1 .. i``), logit soft-cap ``tanh(s/c)*c`` and attention
+sinks (one learned logit per head added to the softmax denominator). Transforms match this op;
+cache insertion replaces it with a cached op of the same semantics.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["attention", "attention_reference"]
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    sliding_window: int = 0,
+    soft_cap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Torch reference, computed in float32 (float64 if the inputs are float64).
+
+    q: [b, sq, hq, d]; k, v: [b, skv, hkv, d] with hq % hkv == 0 and sq <= skv. Queries are aligned
+    to the end of the keys (query i sits at absolute position skv - sq + i).
+    sliding_window: W > 0 limits each query to its last W keys (itself included); 0 = no window.
+    soft_cap: c > 0 applies tanh(s / c) * c to the scaled logits; 0 = off.
+    sinks: [hq] extra per-head logits that join the softmax denominator only.
+    Returns [b, sq, hq, d] in q's dtype.
+    """
+    b, sq, hq, d = q.shape
+    skv, hkv = k.shape[1], k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    group = hq // hkv
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf = q.to(compute).view(b, sq, hkv, group, d)
+    kf, vf = k.to(compute), v.to(compute)
+    # scores: [b, hkv, group, sq, skv]
+    scores = torch.einsum("bqhgd,bkhd->bhgqk", qf, kf) * scale
+    if soft_cap > 0:
+        scores = torch.tanh(scores / soft_cap) * soft_cap
+    q_pos = torch.arange(skv - sq, skv, device=q.device)[:, None]
+    k_pos = torch.arange(skv, device=q.device)[None, :]
+    allowed = k_pos <= q_pos
+    if sliding_window > 0:
+        allowed = allowed & (k_pos > q_pos - sliding_window)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    if sinks is not None:
+        sink = sinks.to(compute).view(1, hkv, group, 1, 1).expand(b, hkv, group, sq, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhgqk,bkhd->bqhgd", probs, vf)
+    return out.reshape(b, sq, hq, d).to(q.dtype)
+
+
+@torch.library.custom_op("autodeploy::attention", mutates_args=())
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    sliding_window: int = 0,
+    soft_cap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention; see :func:`attention_reference` for shapes and semantics."""
+    return attention_reference(q, k, v, scale, sliding_window, soft_cap, sinks)
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, scale, sliding_window=0, soft_cap=0.0, sinks=None):
+    return torch.empty_like(q)

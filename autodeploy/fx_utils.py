@@ -1,0 +1,45 @@
+"""Small FX helpers shared by export and the transforms."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.fx import Node
+
+
+EXPORT_ROOT = "model"  # the attribute under which export.LogitsOnly holds the user's model
+
+
+def owning_module(node: Node) -> str:
+    """Path of the innermost module that produced ``node``, relative to the user's model.
+
+    "" for the model itself or when unknown.
+    """
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    if path == EXPORT_ROOT:
+        return ""
+    return path[len(EXPORT_ROOT) + 1:] if path.startswith(EXPORT_ROOT + ".") else path
+
+
+def op_kwargs(node: Node) -> dict[str, Any]:
+    """All arguments of an OpOverload call by schema name, defaults filled in."""
+    schema = node.target._schema  # type: ignore[union-attr]
+    out: dict[str, Any] = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            out[arg.name] = arg.default_value
+        else:
+            out[arg.name] = None
+    return out
+
+
+def op_nodes(gm: torch.fx.GraphModule, target) -> list[Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == target]

@@ -1,0 +1,117 @@
+"""The model zoo: tiny configs of the transformers families autodeploy supports.
+
+Each entry builds a transformers model from a config with random weights drawn from a fixed seed,
+small enough for a 2-core CPU, yet with every feature the family has switched on (GQA, sliding
+windows shorter than the test prompts, soft-caps, Mamba2 groups and chunking). Nothing is
+downloaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+VOCAB = 256
+HIDDEN = 64
+
+
+def _llama() -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+    )
+
+
+def _mistral() -> Any:
+    from transformers import MistralConfig
+
+    return MistralConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024,
+        sliding_window=24,
+    )
+
+
+def _gemma2() -> Any:
+    from transformers import Gemma2Config
+
+    return Gemma2Config(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+        sliding_window=20, attn_logit_softcapping=5.0, final_logit_softcapping=8.0,
+        query_pre_attn_scalar=24, attn_implementation="eager",
+    )
+
+
+def _gemma3() -> Any:
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+        sliding_window=16, layer_types=["sliding_attention"] * 5 + ["full_attention"],
+    )
+
+
+def _nemotron_h() -> Any:
+    from transformers import NemotronHConfig
+
+    return NemotronHConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128,
+        layers_block_type=["linear_attention", "mlp", "full_attention", "mlp", "linear_attention", "mlp"],
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+        mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2, conv_kernel=4,
+        expand=2, chunk_size=16,
+    )
+
+
+def _bamba() -> Any:
+    from transformers import BambaConfig
+
+    return BambaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2,
+        mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16,
+    )
+
+
+def _mamba2() -> Any:
+    from transformers import Mamba2Config
+
+    return Mamba2Config(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_heads=8, head_dim=16,
+        expand=2, state_size=16, n_groups=2, conv_kernel=4, chunk_size=16,
+    )
+
+
+# name -> (config factory, transformers class name)
+ZOO: dict[str, tuple[Callable[[], Any], str]] = {
+    "llama": (_llama, "LlamaForCausalLM"),
+    "mistral": (_mistral, "MistralForCausalLM"),
+    "gemma2": (_gemma2, "Gemma2ForCausalLM"),
+    "gemma3": (_gemma3, "Gemma3ForCausalLM"),
+    "nemotron_h": (_nemotron_h, "NemotronHForCausalLM"),
+    "bamba": (_bamba, "BambaForCausalLM"),
+    "mamba2": (_mamba2, "Mamba2ForCausalLM"),
+}
+
+
+def zoo_names() -> list[str]:
+    return list(ZOO)
+
+
+def build_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Build zoo model ``name`` with random weights from ``seed``, in eval mode."""
+    if name not in ZOO:
+        raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}")
+    import transformers
+
+    config_fn, class_name = ZOO[name]
+    config = config_fn()
+    torch.manual_seed(seed)
+    model = getattr(transformers, class_name)(config)
+    return model.to(dtype).eval()

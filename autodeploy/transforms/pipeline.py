@@ -1,0 +1,67 @@
+"""Run an ordered list of transforms over an exported graph.
+
+The order is explicit (``DEFAULT_PIPELINE``, overridable by the caller); each transform may name
+the transforms it ``requires`` earlier, and the pipeline checks that with a networkx dependency
+graph before anything runs, so a misordered list fails fast instead of half-transforming a graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import networkx as nx
+from torch.fx import GraphModule
+
+from autodeploy.transforms.base import TransformInfo
+
+logger = logging.getLogger("autodeploy.transforms")
+
+DEFAULT_PIPELINE: tuple[str, ...] = ("match_attention",)
+
+
+def check_order(names: Sequence[str]) -> None:
+    """Raise if a name is unknown or a transform runs before one it requires."""
+    from autodeploy.transforms import TRANSFORMS
+
+    unknown = [n for n in names if n not in TRANSFORMS]
+    if unknown:
+        raise ValueError(f"unknown transform(s) {unknown}; known transforms: {sorted(TRANSFORMS)}")
+    deps = nx.DiGraph()
+    deps.add_nodes_from(names)
+    for name in names:
+        for req in TRANSFORMS[name].requires:
+            deps.add_edge(req, name)
+    position = {n: i for i, n in enumerate(names)}
+    for req, name in deps.edges:
+        if req not in position:
+            raise ValueError(f"transform {name!r} requires {req!r}, which is not in the pipeline {list(names)}")
+        if position[req] > position[name]:
+            raise ValueError(f"transform {name!r} requires {req!r} to run before it; got order {list(names)}")
+
+
+def run_pipeline(
+    gm: GraphModule,
+    names: Sequence[str] | None = None,
+    config: Mapping[str, Mapping[str, Any]] | None = None,
+    dump_dir: str | Path | None = None,
+) -> list[TransformInfo]:
+    """Run transforms ``names`` (default ``DEFAULT_PIPELINE``) on ``gm`` in place.
+
+    ``config`` maps a transform name to its options. ``dump_dir`` receives the graph after each
+    transform as ``NN_<name>.txt``.
+    """
+    from autodeploy.transforms import TRANSFORMS
+
+    names = list(DEFAULT_PIPELINE if names is None else names)
+    config = dict(config or {})
+    check_order(names)
+    stray = sorted(set(config) - set(names))
+    if stray:
+        raise ValueError(f"config given for transform(s) {stray} that are not in the pipeline {names}")
+    infos = []
+    for index, name in enumerate(names):
+        transform = TRANSFORMS[name](config.get(name))
+        infos.append(transform(gm, dump_dir=dump_dir, index=index))
+    return infos
