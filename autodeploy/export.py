@@ -234,6 +234,28 @@ def _check_mixers_routed(model: nn.Module, gm: GraphModule) -> None:
         )
 
 
+def _to_plain_graph_module(gm: GraphModule) -> None:
+    """Make ``gm`` a plain ``forward(input_ids, position_ids) -> logits``.
+
+    ``ep.module()`` flattens inputs through a pytree spec and calls a ``_guards_fn`` submodule;
+    transforms add graph inputs (raw batch facts, caches), which a fixed spec would reject.
+    """
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    graph._codegen = torch.fx.graph.CodeGen()
+    output = graph.output_node()
+    outs = output.args[0]
+    if isinstance(outs, (tuple, list)):
+        if len(outs) != 1:
+            raise ExportError(f"expected the model to return logits only, got {len(outs)} outputs")
+        output.args = (outs[0],)
+    gm.recompile()
+
+
 def _strip_metadata_asserts(gm: GraphModule) -> None:
     """Drop export's ``_assert_tensor_metadata`` guards: they are extra users that would pin dead
     intermediate tensors once transforms rewrite the graph, and they compute nothing."""
@@ -277,6 +299,7 @@ def export_model(
     finally:
         model.train(was_training)
     gm = ep.module()
+    _to_plain_graph_module(gm)
     _strip_metadata_asserts(gm)
     gm.meta["autodeploy"] = ExportInfo(
         max_seq_len=max_seq_len,
