@@ -1,8 +1,19 @@
 """autodeploy: turn a PyTorch causal LM into a fast cached inference engine, without rewriting it."""
 
 from autodeploy import custom_ops  # noqa: F401  (registers the autodeploy:: ops)
+from autodeploy.api import LLM, CompletionOutput, DeployConfig, RequestOutput
 from autodeploy.export import ExportError, export_model
+from autodeploy.runtime.sampling import SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["ExportError", "export_model", "__version__"]
+__all__ = [
+    "LLM",
+    "CompletionOutput",
+    "DeployConfig",
+    "ExportError",
+    "RequestOutput",
+    "SamplingParams",
+    "export_model",
+    "__version__",
+]

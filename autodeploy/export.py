@@ -246,6 +246,9 @@ def _to_plain_graph_module(gm: GraphModule) -> None:
             graph.erase_node(node)
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
+    for key, hook in list(gm._forward_pre_hooks.items()):
+        if "check_input_constraints" in getattr(hook, "__name__", ""):
+            del gm._forward_pre_hooks[key]  # checks inputs against the fixed export spec
     graph._codegen = torch.fx.graph.CodeGen()
     output = graph.output_node()
     outs = output.args[0]

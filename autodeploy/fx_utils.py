@@ -43,3 +43,15 @@ def op_kwargs(node: Node) -> dict[str, Any]:
 
 def op_nodes(gm: torch.fx.GraphModule, target) -> list[Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == target]
+
+
+def graph_input(gm: torch.fx.GraphModule, name: str) -> Node:
+    """The placeholder called ``name``, added after the last placeholder if missing."""
+    last = None
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if node.target == name:
+                return node
+            last = node
+    with gm.graph.inserting_after(last) if last is not None else gm.graph.inserting_before(None):
+        return gm.graph.placeholder(name)

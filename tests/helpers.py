@@ -51,3 +51,21 @@ def hf_logits(model, length: int, seed: int = 0):
     with torch.no_grad():
         ref = model(input_ids=ids, position_ids=pos, use_cache=False).logits
     return ids, pos, ref
+
+
+def hf_greedy_uncached(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding by repeated full (uncached) transformers forwards: the oracle that does not
+    depend on transformers' own cache code paths."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
+def hf_generate(model, prompt: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+    return out[0, len(prompt):].tolist()

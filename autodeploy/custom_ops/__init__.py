@@ -1,4 +1,5 @@
-"""Custom ops in the ``autodeploy`` namespace: canonical (uncached) ops the transforms match.
+"""Custom ops in the ``autodeploy`` namespace: canonical (uncached) ops the transforms match,
+prepare ops that derive kernel metadata in the graph, and cached ops per backend.
 
 Importing this package registers every op with ``torch.library``.
 """
@@ -6,6 +7,9 @@ Importing this package registers every op with ``torch.library``.
 from autodeploy.custom_ops.attention import attention, attention_reference
 from autodeploy.custom_ops.causal_conv1d import causal_conv1d, causal_conv1d_reference
 from autodeploy.custom_ops.ssd_scan import ssd_scan, ssd_scan_reference
+from autodeploy.custom_ops.prepare_metadata import prepare_attention_metadata, prepare_ssm_metadata
+from autodeploy.custom_ops.torch_cached_attention import torch_cached_attention
+from autodeploy.custom_ops.torch_cached_ssm import torch_cached_causal_conv1d, torch_cached_ssd_scan
 
 __all__ = [
     "attention",
@@ -14,4 +18,9 @@ __all__ = [
     "causal_conv1d_reference",
     "ssd_scan",
     "ssd_scan_reference",
+    "prepare_attention_metadata",
+    "prepare_ssm_metadata",
+    "torch_cached_attention",
+    "torch_cached_causal_conv1d",
+    "torch_cached_ssd_scan",
 ]

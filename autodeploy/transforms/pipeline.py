@@ -19,6 +19,7 @@ from autodeploy.transforms.base import TransformInfo
 logger = logging.getLogger("autodeploy.transforms")
 
 DEFAULT_PIPELINE: tuple[str, ...] = ("match_attention",)
+CACHED_PIPELINE: tuple[str, ...] = ("match_attention", "insert_cached_attention", "insert_cached_ssm")
 
 
 def check_order(names: Sequence[str]) -> None:

@@ -1,0 +1,50 @@
+"""What a cached graph expects from the runtime: raw batch inputs and cache tensors.
+
+Cache-insertion transforms add graph inputs and record a :class:`CacheSpec` per cache tensor in
+``gm.meta["autodeploy_caches"]``; the runtime allocates the tensors from those specs and passes
+them by name, after the raw batch inputs, in graph-input order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Raw per-step facts every cached graph receives after (input_ids [1, T], position_ids [1, T]):
+#   seq_lens [B] int32     new tokens of each lane this step (0 for a padded lane)
+#   cached_lens [B] int32  tokens of the lane's sequence already in the caches
+#   slots [B] int32        sequence slot (0 = the null slot, for padded lanes)
+#   page_table [B, P] int32  full-attention physical pages per lane (0 = the null page)
+RAW_INPUTS = ("seq_lens", "cached_lens", "slots", "page_table")
+
+POOL_FULL = "kv_full"
+
+
+def swa_pool(window: int) -> str:
+    return f"kv_swa_{window}"
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """One cache tensor of the graph.
+
+    kind "kv": a paged K or V pool, shape [pages, page_size, *shape]; pool names which pool
+    ("kv_full" or "kv_swa_<W>") sizes it. kind "state": per-slot state, shape [slots, *shape].
+    """
+
+    name: str
+    kind: str
+    pool: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    window: int = 0
+
+    def bytes_per_unit(self, page_size: int) -> int:
+        """Bytes per page (kind kv) or per slot (kind state)."""
+        numel = 1
+        for s in self.shape:
+            numel *= s
+        if self.kind == "kv":
+            numel *= page_size
+        return numel * torch.empty(0, dtype=self.dtype).element_size()

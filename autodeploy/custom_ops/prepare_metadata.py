@@ -1,0 +1,102 @@
+"""Prepare ops: derive every buffer the cached ops read from the raw batch facts, in the graph.
+
+The runtime hands the graph only raw facts per step (flat token ids; per lane: new-token count,
+cached length, sequence slot, full-attention page table). These ops turn them into kernel
+metadata, so every execution path computes them the same way (see DESIGN.md, "the graph owns all
+buffer initialisation"). Pure tensor arithmetic: no host sync, nothing read from outside the graph.
+
+Lanes are fixed in number; a padded lane has 0 new tokens, slot 0 (the null slot) and a page-table
+row of 0s (the null page), so everything it produces points inside the pools.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["prepare_attention_metadata", "prepare_ssm_metadata", "swa_ring_pages"]
+
+
+def swa_ring_pages(window: int, max_num_tokens: int, page_size: int) -> int:
+    """Pages in one slot's sliding-window ring: the W-1 keys before a step plus the step's tokens
+    span at most ceil((W - 1 + T) / page) + 1 pages; one page more keeps the bound simple."""
+    return -(-(window + max_num_tokens) // page_size) + 1
+
+
+def _token_lanes(input_ids: torch.Tensor, seq_lens: torch.Tensor):
+    lens = seq_lens.long()
+    cu = torch.cat([lens.new_zeros(1), torch.cumsum(lens, 0)])
+    num_tokens = input_ids.shape[-1]
+    lane = torch.repeat_interleave(torch.arange(lens.shape[0], device=lens.device), lens, output_size=num_tokens)
+    return cu, lane
+
+
+@torch.library.custom_op("autodeploy::prepare_attention_metadata", mutates_args=())
+def prepare_attention_metadata(
+    input_ids: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cached_lens: torch.Tensor,
+    slots: torch.Tensor,
+    page_table: torch.Tensor,
+    page_size: int,
+    window: int,
+    ring_pages: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention metadata for one pool.
+
+    input_ids: [1, T] (only its length is used); seq_lens, cached_lens, slots: [B] int32;
+    page_table: [B, P] int32 physical pages of the full-attention pool.
+    window = 0: full attention over ``page_table``. window = W > 0: the sliding-window pool, where
+    slot s owns pages s*R .. s*R+R-1 (R = ``ring_pages``) and logical page p lives at s*R + p % R.
+    Returns (all int64):
+      write_idx [T]     flat cache row (page * page_size + offset) each new token's K/V goes to
+      kv_start [B]      first key position a query of this step can see (0 for full attention)
+      kv_len [B]        keys after the write (cached + new)
+      page_list [B, Pk] physical pages of logical pages kv_start // page_size, ... in order
+      cu_seqlens [B+1]  token offsets of each lane
+    """
+    cu, lane = _token_lanes(input_ids, seq_lens)
+    cached = cached_lens.long()
+    pos = cached[lane] + torch.arange(lane.shape[0], device=lane.device) - cu[lane]
+    logical_page, offset = pos // page_size, pos % page_size
+    kv_len = cached + seq_lens.long()
+    if window <= 0:
+        table = page_table.long()
+        phys = table[lane, logical_page]
+        kv_start = torch.zeros_like(kv_len)
+        page_list = table
+    else:
+        ring_base = slots.long() * ring_pages
+        phys = ring_base[lane] + logical_page % ring_pages
+        kv_start = torch.clamp_min(cached - window + 1, 0)  # the window's first key, not an index
+        first_page = kv_start // page_size
+        steps = torch.arange(ring_pages, device=slots.device)
+        page_list = ring_base[:, None] + (first_page[:, None] + steps[None, :]) % ring_pages
+    return phys * page_size + offset, kv_start, kv_len, page_list, cu
+
+
+@prepare_attention_metadata.register_fake
+def _(input_ids, seq_lens, cached_lens, slots, page_table, page_size, window, ring_pages):
+    T, B = input_ids.shape[-1], seq_lens.shape[0]
+    pk = page_table.shape[1] if window <= 0 else ring_pages
+    i64 = dict(dtype=torch.int64)
+    return (input_ids.new_empty(T, **i64), seq_lens.new_empty(B, **i64), seq_lens.new_empty(B, **i64),
+            seq_lens.new_empty((B, pk), **i64), seq_lens.new_empty(B + 1, **i64))
+
+
+@torch.library.custom_op("autodeploy::prepare_ssm_metadata", mutates_args=())
+def prepare_ssm_metadata(
+    input_ids: torch.Tensor, seq_lens: torch.Tensor, cached_lens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SSM/conv metadata: (cu_seqlens [B+1] int64, has_state [B] bool).
+
+    A lane continues from its slot's state only if it has cached tokens; a new sequence starts
+    from zeros, so a reused slot never leaks the previous request's state.
+    """
+    cu, _ = _token_lanes(input_ids, seq_lens)
+    return cu, cached_lens > 0
+
+
+@prepare_ssm_metadata.register_fake
+def _(input_ids, seq_lens, cached_lens):
+    B = seq_lens.shape[0]
+    return seq_lens.new_empty(B + 1, dtype=torch.int64), seq_lens.new_empty(B, dtype=torch.bool)

@@ -1,0 +1,1 @@
+"""Runtime: cache pools, raw batch inputs, the engine and its scheduler."""

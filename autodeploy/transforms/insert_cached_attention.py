@@ -1,0 +1,90 @@
+"""insert_cached_attention: canonical attention -> paged cached attention + prepare nodes.
+
+Before::
+
+    out = autodeploy.attention(q, k, v, scale, W, cap, sinks)            # [1, T, h, d]
+
+After (one prepare node per pool, shared by the layers that use it)::
+
+    meta = autodeploy.prepare_attention_metadata(input_ids, seq_lens, cached_lens, slots,
+                                                 page_table, page_size, W, ring_pages(W))
+    out = autodeploy.torch_cached_attention(q, k, v, k_cache_i, v_cache_i, *meta, scale, W, cap, sinks)
+
+Full-attention layers (W = 0) share the paged pool addressed by ``page_table``; sliding-window
+layers with window W use a pool of per-slot rings bounded by W and the step's token budget, not by
+the sequence length. Raw inputs and caches become graph inputs; specs go to
+``gm.meta["autodeploy_caches"]``.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule
+
+from autodeploy.cache_spec import POOL_FULL, RAW_INPUTS, CacheSpec, swa_pool
+from autodeploy.custom_ops.prepare_metadata import swa_ring_pages
+from autodeploy.fx_utils import graph_input, op_kwargs, op_nodes
+from autodeploy.transforms.base import Transform, TransformConfig, TransformInfo
+
+ATTENTION = torch.ops.autodeploy.attention.default
+PREPARE = torch.ops.autodeploy.prepare_attention_metadata.default
+CACHED = {"torch": torch.ops.autodeploy.torch_cached_attention.default}
+
+
+@dataclass
+class InsertCachedAttentionConfig(TransformConfig):
+    page_size: int = 16
+    max_num_tokens: int = 256  # token budget per step: bounds the sliding-window rings
+    backend: str = "torch"
+
+
+class InsertCachedAttention(Transform):
+    name = "insert_cached_attention"
+    Config = InsertCachedAttentionConfig
+    requires = ("match_attention",)
+
+    def apply(self, gm: GraphModule, info: TransformInfo) -> None:
+        cfg = self.config
+        if cfg.backend not in CACHED:
+            raise ValueError(f"{self.name}: unknown backend {cfg.backend!r}; known: {sorted(CACHED)}")
+        if cfg.page_size <= 0 or cfg.max_num_tokens <= 0:
+            raise ValueError(f"{self.name}: page_size and max_num_tokens must be positive, got {cfg}")
+        nodes = op_nodes(gm, ATTENTION)
+        if not nodes:
+            return
+        graph = gm.graph
+        input_ids = next(n for n in graph.nodes if n.op == "placeholder")
+        raw = [graph_input(gm, name) for name in RAW_INPUTS]
+        specs: list[CacheSpec] = gm.meta.setdefault("autodeploy_caches", [])
+        prepared: dict[int, list[torch.fx.Node]] = {}
+        for index, node in enumerate(nodes):
+            kw = op_kwargs(node)
+            window = int(kw["sliding_window"])
+            k_val = kw["k"].meta.get("val")
+            hkv, head_dim = k_val.shape[2], k_val.shape[3]
+            pool = swa_pool(window) if window > 0 else POOL_FULL
+            caches = []
+            for which in ("k", "v"):
+                name = f"{which}_cache_{index}"
+                specs.append(CacheSpec(name, "kv", pool, (hkv, head_dim), k_val.dtype, window))
+                caches.append(graph_input(gm, name))
+            with graph.inserting_before(node):
+                if window not in prepared:
+                    ring = swa_ring_pages(window, cfg.max_num_tokens, cfg.page_size) if window > 0 else 0
+                    prep = graph.call_function(PREPARE, (input_ids, *raw, cfg.page_size, window, ring))
+                    prepared[window] = [graph.call_function(operator.getitem, (prep, i)) for i in range(5)]
+                meta = prepared[window]
+                cached = graph.call_function(
+                    CACHED[cfg.backend],
+                    (kw["q"], kw["k"], kw["v"], *caches, *meta, kw["scale"], window, kw["soft_cap"], kw["sinks"]),
+                )
+            cached.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack")})
+            node.replace_all_uses_with(cached)
+            graph.erase_node(node)
+            info.num_matches += 1
+        info.changed = True
+        info.details["prepare_nodes"] = len(prepared)
+        info.details["pools"] = sorted({s.pool for s in specs if s.kind == "kv"})
