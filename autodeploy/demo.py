@@ -1,8 +1,9 @@
 """The main job on the embedded default: a tiny hybrid (Mamba2 + attention) model, no download.
 
-Builds the model from a config with seeded random weights, exports it, runs the transform
-pipeline, and checks the transformed graph's logits against the transformers module at two
-sequence lengths through the same graph. Prints a short report; exits non-zero on a mismatch.
+Builds the model from a config with seeded random weights, builds the engine (export, transforms,
+cache pools), serves prompts of different lengths concurrently with chunked prefill, and checks
+every token against transformers' greedy decoding on the same weights (uncached forwards, see
+tests/test_api.py for why). Prints a short report; exits non-zero on a mismatch.
 """
 
 from __future__ import annotations
@@ -12,42 +13,48 @@ import time
 
 import torch
 
-from autodeploy.export import export_model
+from autodeploy.api import LLM
 from autodeploy.models import build_model
-from autodeploy.transforms import run_pipeline
+from autodeploy.runtime.sampling import SamplingParams
 
 DEFAULT_MODEL = "nemotron_h"
-LOGITS_ATOL = 2e-5  # float32, same weights: only reduction order differs
 
 
-def run_demo(model_name: str = DEFAULT_MODEL, lengths: tuple[int, ...] = (9, 70)) -> bool:
-    torch.manual_seed(0)
+def _reference(model, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def run_demo(model_name: str = DEFAULT_MODEL, prompt_lens=(3, 17, 40, 90, 130, 8), new_tokens: int = 24) -> bool:
     model = build_model(model_name)
     print(f"model: {model_name} ({type(model).__name__}), "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, float32, CPU")
-    start = time.perf_counter()
-    gm = export_model(model, max_seq_len=256)
-    export_s = time.perf_counter() - start
-    infos = run_pipeline(gm)
-    print(f"export: {export_s:.2f} s, {len(gm.graph.nodes)} nodes")
-    for info in infos:
+    llm = LLM(model, max_batch_size=4, max_seq_len=256, max_num_tokens=48, page_size=16)
+    print(f"build (export + transforms + pools): {llm.build_seconds:.2f} s")
+    for info in llm.transform_infos:
         print("  " + info.summary())
     ops = collections.Counter(
-        str(n.target).removesuffix(".default") for n in gm.graph.nodes
+        str(n.target).removeprefix("autodeploy.").removesuffix(".default") for n in llm.gm.graph.nodes
         if n.op == "call_function" and str(n.target).startswith("autodeploy.")
     )
-    print("canonical ops: " + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())))
+    print("graph ops: " + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())))
+    print("cache memory: " + ", ".join(f"{pool} {b / 1024:.0f} KiB" for pool, b in llm.cache_bytes().items()))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in prompt_lens]
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+    seconds = time.perf_counter() - start
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    print(f"served {len(prompts)} prompts ({sum(prompt_lens)} prompt tokens) in {llm.engine.num_steps} steps, "
+          f"{generated} tokens in {seconds:.2f} s ({generated / seconds:.0f} tok/s)")
     ok = True
-    for length in lengths:
-        ids = torch.randint(0, model.config.vocab_size, (1, length))
-        pos = torch.arange(length)[None]
-        with torch.no_grad():
-            ref = model(input_ids=ids, position_ids=pos, use_cache=False).logits
-            out = gm(ids, pos)
-        err = (out - ref).abs().max().item()
-        same_argmax = torch.equal(out.argmax(-1), ref.argmax(-1))
-        status = "ok" if err <= LOGITS_ATOL and same_argmax else "MISMATCH"
-        ok &= status == "ok"
-        print(f"length {length:4d}: max |logits - transformers| = {err:.2e} (tol {LOGITS_ATOL:.0e}), "
-              f"greedy tokens equal: {same_argmax} -> {status}")
+    for p, o in zip(prompts, outs):
+        same = o.outputs[0].token_ids == _reference(model, p, new_tokens)
+        ok &= same
+        print(f"  prompt {len(p):4d} tokens -> {o.outputs[0].token_ids[:8]}... "
+              f"{'equal to transformers' if same else 'MISMATCH vs transformers'}")
+    print("OK" if ok else "FAILED")
     return ok

@@ -1,0 +1,64 @@
+"""insert_cached_attention: graph shape, and logits of a two-chunk prefill equal the uncached graph."""
+
+import torch
+
+from autodeploy import export_model
+from autodeploy.cache_spec import POOL_FULL, swa_pool
+from autodeploy.fx_utils import op_nodes
+from autodeploy.models import build_model
+from autodeploy.runtime.batch import BatchInputs, LaneInput
+from autodeploy.runtime.pools import CachePools, PoolSizes
+from autodeploy.transforms import run_pipeline
+
+from helpers import ATTENTION, op_counts
+
+CACHED = torch.ops.autodeploy.torch_cached_attention.default
+PREPARE = torch.ops.autodeploy.prepare_attention_metadata.default
+
+
+def test_gemma3_gets_two_pools_and_one_prepare_node_per_pool():
+    model = build_model("gemma3")
+    gm = export_model(model, max_seq_len=128)
+    uncached = export_model(model, max_seq_len=128)
+    infos = run_pipeline(gm, ["match_attention", "insert_cached_attention"],
+                         {"insert_cached_attention": {"page_size": 8, "max_num_tokens": 32}})
+    assert infos[1].num_matches == 6 and infos[1].details["prepare_nodes"] == 2
+    counts = op_counts(gm)
+    assert counts[CACHED] == 6 and counts[ATTENTION] == 0 and counts[PREPARE] == 2
+    specs = gm.meta["autodeploy_caches"]
+    assert sorted({s.pool for s in specs}) == [POOL_FULL, swa_pool(16)]
+    # every cached op reads metadata that a prepare node in this graph wrote
+    for node in op_nodes(gm, CACHED):
+        metas = node.args[5:10]
+        assert all(m.args[0].target == PREPARE for m in metas)
+
+    # run one 30-token prompt as two chunks (17 + 13) through the cached graph
+    sizes = PoolSizes(max_batch_size=2, max_seq_len=128, page_size=8, max_num_tokens=32, num_full_pages=16)
+    pools = CachePools(specs, sizes)
+    batch = BatchInputs(2, 32, sizes.max_pages_per_seq)
+    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    ids = torch.randint(0, 256, (30,)).tolist()
+    pages = pools.pages.allocate(4)
+    outs = []
+    for start, end in ((0, 17), (17, 30)):
+        raw = batch.fill([LaneInput(ids[start:end], start, 1, pages)])
+        args = dict(zip(("input_ids", "position_ids", "seq_lens", "cached_lens", "slots", "page_table"), raw))
+        args.update(pools.tensors)
+        with torch.no_grad():
+            outs.append(gm(*[args[n] for n in names]))
+    with torch.no_grad():
+        ref = uncached(torch.tensor([ids]), torch.arange(30)[None])
+    torch.testing.assert_close(torch.cat(outs, 1), ref, atol=2e-5, rtol=0)
+
+
+def test_swa_pool_does_not_grow_with_max_seq_len():
+    model = build_model("mistral")  # every layer has window 24
+    bytes_at = {}
+    for max_seq_len in (128, 1024):
+        gm = export_model(model, max_seq_len=max_seq_len)
+        run_pipeline(gm, ["match_attention", "insert_cached_attention"],
+                     {"insert_cached_attention": {"page_size": 8, "max_num_tokens": 32}})
+        sizes = PoolSizes(2, max_seq_len, 8, 32, num_full_pages=2 * -(-max_seq_len // 8))
+        bytes_at[max_seq_len] = CachePools(gm.meta["autodeploy_caches"], sizes).bytes_by_pool()
+    assert set(bytes_at[128]) == {swa_pool(24)}
+    assert bytes_at[128] == bytes_at[1024]
