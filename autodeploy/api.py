@@ -123,9 +123,7 @@ class LLM:
             "insert_cached_ssm": {"backend": cfg.ssm_backend},
         })
         self.build_seconds = time.perf_counter() - start
-        pages_per_seq = -(-cfg.max_seq_len // cfg.page_size)
-        sizes = PoolSizes(cfg.max_batch_size, cfg.max_seq_len, cfg.page_size, cfg.max_num_tokens,
-                          cfg.num_pages if cfg.num_pages is not None else cfg.max_batch_size * pages_per_seq)
+        sizes = PoolSizes(cfg.max_batch_size, cfg.max_seq_len, cfg.page_size, cfg.max_num_tokens, cfg.num_pages)
         model_cfg = getattr(self.model, "config", None)
         vocab = getattr(model_cfg, "vocab_size", None) or self.gm.graph.output_node().args[0].meta["val"].shape[-1]
         eos = getattr(model_cfg, "eos_token_id", None)

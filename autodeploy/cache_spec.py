@@ -17,6 +17,7 @@ import torch
 #   slots [B] int32        sequence slot (0 = the null slot, for padded lanes)
 #   page_table [B, P] int32  full-attention physical pages per lane (0 = the null page)
 RAW_INPUTS = ("seq_lens", "cached_lens", "slots", "page_table")
+STEP_INPUTS = ("input_ids", "position_ids", *RAW_INPUTS)  # what BatchInputs.fill produces
 
 POOL_FULL = "kv_full"
 

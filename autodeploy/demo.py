@@ -15,17 +15,10 @@ import torch
 
 from autodeploy.api import LLM
 from autodeploy.models import build_model
+from autodeploy.models.reference import greedy_uncached
 from autodeploy.runtime.sampling import SamplingParams
 
 DEFAULT_MODEL = "nemotron_h"
-
-
-def _reference(model, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def run_demo(model_name: str = DEFAULT_MODEL, prompt_lens=(3, 17, 40, 90, 130, 8), new_tokens: int = 24) -> bool:
@@ -52,7 +45,7 @@ def run_demo(model_name: str = DEFAULT_MODEL, prompt_lens=(3, 17, 40, 90, 130, 8
           f"{generated} tokens in {seconds:.2f} s ({generated / seconds:.0f} tok/s)")
     ok = True
     for p, o in zip(prompts, outs):
-        same = o.outputs[0].token_ids == _reference(model, p, new_tokens)
+        same = o.outputs[0].token_ids == greedy_uncached(model, p, new_tokens)
         ok &= same
         print(f"  prompt {len(p):4d} tokens -> {o.outputs[0].token_ids[:8]}... "
               f"{'equal to transformers' if same else 'MISMATCH vs transformers'}")

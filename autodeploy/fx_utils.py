@@ -45,6 +45,11 @@ def op_nodes(gm: torch.fx.GraphModule, target) -> list[Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == target]
 
 
+def placeholder_names(gm: torch.fx.GraphModule) -> list[str]:
+    """The graph's input names, in call order."""
+    return [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+
+
 def graph_input(gm: torch.fx.GraphModule, name: str) -> Node:
     """The placeholder called ``name``, added after the last placeholder if missing."""
     last = None

@@ -7,6 +7,7 @@ import collections
 import torch
 
 from autodeploy.export import ssm_mixers
+from autodeploy.models.reference import greedy_uncached
 
 ATTENTION = torch.ops.autodeploy.attention.default
 SSD_SCAN = torch.ops.autodeploy.ssd_scan.default
@@ -53,15 +54,7 @@ def hf_logits(model, length: int, seed: int = 0):
     return ids, pos, ref
 
 
-def hf_greedy_uncached(model, prompt: list[int], n: int) -> list[int]:
-    """Greedy decoding by repeated full (uncached) transformers forwards: the oracle that does not
-    depend on transformers' own cache code paths."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
-            ids.append(int(logits.argmax()))
-    return ids[len(prompt):]
+hf_greedy_uncached = greedy_uncached  # the transformers module's own uncached forwards
 
 
 def hf_generate(model, prompt: list[int], n: int) -> list[int]:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from autodeploy.cache_spec import STEP_INPUTS
+
 
 @dataclass
 class LaneInput:
@@ -31,7 +33,8 @@ class BatchInputs:
         self.slots = torch.zeros(max_batch_size, dtype=torch.int32, device=device)
         self.page_table = torch.zeros(max_batch_size, max_pages_per_seq, dtype=torch.int32, device=device)
 
-    def fill(self, lanes: list[LaneInput]) -> tuple[torch.Tensor, ...]:
+    def fill(self, lanes: list[LaneInput]) -> dict[str, torch.Tensor]:
+        """Write the lanes into the buffers; returns the step's graph inputs by name (STEP_INPUTS)."""
         if len(lanes) > self.max_batch_size:
             raise ValueError(f"{len(lanes)} lanes > max_batch_size {self.max_batch_size}")
         ids, pos = [], []
@@ -51,5 +54,6 @@ class BatchInputs:
             self.slots[i] = lane.slot
             if lane.pages:
                 self.page_table[i, : len(lane.pages)] = torch.tensor(lane.pages, dtype=torch.int32)
-        return (self.input_ids[:, :T], self.position_ids[:, :T], self.seq_lens, self.cached_lens, self.slots,
-                self.page_table)
+        values = (self.input_ids[:, :T], self.position_ids[:, :T], self.seq_lens, self.cached_lens, self.slots,
+                  self.page_table)
+        return dict(zip(STEP_INPUTS, values))

@@ -18,6 +18,7 @@ import torch
 from torch.fx import GraphModule
 
 from autodeploy.cache_spec import CacheSpec
+from autodeploy.fx_utils import placeholder_names
 from autodeploy.runtime.batch import BatchInputs, LaneInput
 from autodeploy.runtime.pools import CachePools, PoolSizes
 from autodeploy.runtime.sampling import SamplingParams, sample
@@ -55,7 +56,7 @@ class Engine:
         specs: list[CacheSpec] = gm.meta.get("autodeploy_caches", [])
         self.pools = CachePools(specs, sizes, device)
         self.inputs = BatchInputs(sizes.max_batch_size, sizes.max_num_tokens, sizes.max_pages_per_seq, device)
-        self.input_names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+        self.input_names = placeholder_names(gm)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[int, Request] = {}
@@ -138,11 +139,10 @@ class Engine:
         lanes = self._schedule()
         if not lanes:
             return []
-        raw = self.inputs.fill([
+        by_name = self.inputs.fill([
             LaneInput(req.tokens[req.num_cached:req.num_cached + n], req.num_cached, req.slot, req.pages)
             for req, n in lanes
         ])
-        by_name = dict(zip(("input_ids", "position_ids", "seq_lens", "cached_lens", "slots", "page_table"), raw))
         by_name.update(self.pools.tensors)
         logits = self.gm(*[by_name[name] for name in self.input_names])
         self.num_steps += 1

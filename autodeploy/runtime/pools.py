@@ -62,7 +62,13 @@ class PoolSizes:
     max_seq_len: int
     page_size: int
     max_num_tokens: int
-    num_full_pages: int  # allocatable pages of the full-attention pool (null page excluded)
+    # allocatable pages of the full-attention pool (null page excluded);
+    # None: enough for max_batch_size requests of max_seq_len tokens
+    num_full_pages: int | None = None
+
+    def __post_init__(self):
+        if self.num_full_pages is None:
+            self.num_full_pages = self.max_batch_size * self.max_pages_per_seq
 
     @property
     def max_pages_per_seq(self) -> int:

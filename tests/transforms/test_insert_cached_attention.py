@@ -4,7 +4,7 @@ import torch
 
 from autodeploy import export_model
 from autodeploy.cache_spec import POOL_FULL, swa_pool
-from autodeploy.fx_utils import op_nodes
+from autodeploy.fx_utils import op_nodes, placeholder_names
 from autodeploy.models import build_model
 from autodeploy.runtime.batch import BatchInputs, LaneInput
 from autodeploy.runtime.pools import CachePools, PoolSizes
@@ -36,13 +36,12 @@ def test_gemma3_gets_two_pools_and_one_prepare_node_per_pool():
     sizes = PoolSizes(max_batch_size=2, max_seq_len=128, page_size=8, max_num_tokens=32, num_full_pages=16)
     pools = CachePools(specs, sizes)
     batch = BatchInputs(2, 32, sizes.max_pages_per_seq)
-    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    names = placeholder_names(gm)
     ids = torch.randint(0, 256, (30,)).tolist()
     pages = pools.pages.allocate(4)
     outs = []
     for start, end in ((0, 17), (17, 30)):
-        raw = batch.fill([LaneInput(ids[start:end], start, 1, pages)])
-        args = dict(zip(("input_ids", "position_ids", "seq_lens", "cached_lens", "slots", "page_table"), raw))
+        args = batch.fill([LaneInput(ids[start:end], start, 1, pages)])
         args.update(pools.tensors)
         with torch.no_grad():
             outs.append(gm(*[args[n] for n in names]))
@@ -58,7 +57,7 @@ def test_swa_pool_does_not_grow_with_max_seq_len():
         gm = export_model(model, max_seq_len=max_seq_len)
         run_pipeline(gm, ["match_attention", "insert_cached_attention"],
                      {"insert_cached_attention": {"page_size": 8, "max_num_tokens": 32}})
-        sizes = PoolSizes(2, max_seq_len, 8, 32, num_full_pages=2 * -(-max_seq_len // 8))
+        sizes = PoolSizes(2, max_seq_len, 8, 32)
         bytes_at[max_seq_len] = CachePools(gm.meta["autodeploy_caches"], sizes).bytes_by_pool()
     assert set(bytes_at[128]) == {swa_pool(24)}
     assert bytes_at[128] == bytes_at[1024]

@@ -3,6 +3,7 @@
 import torch
 
 from autodeploy import export_model
+from autodeploy.fx_utils import placeholder_names
 from autodeploy.models import build_model
 from autodeploy.runtime.batch import BatchInputs, LaneInput
 from autodeploy.runtime.pools import CachePools, PoolSizes
@@ -30,7 +31,7 @@ def test_mamba2_prefill_chunk_then_decodes_match_uncached():
     sizes = PoolSizes(max_batch_size=3, max_seq_len=64, page_size=8, max_num_tokens=32, num_full_pages=0)
     pools = CachePools(specs, sizes)
     batch = BatchInputs(3, 32, sizes.max_pages_per_seq)
-    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    names = placeholder_names(gm)
     ids = torch.randint(0, 256, (20,)).tolist()
     # stale state in the slot from an earlier request must not leak into a new sequence
     for t in pools.tensors.values():
@@ -39,8 +40,7 @@ def test_mamba2_prefill_chunk_then_decodes_match_uncached():
     outs = []
     for start, end in chunks:
         # lane 0 is padding (no tokens, null slot); the sequence sits in lane 1, slot 2
-        raw = batch.fill([LaneInput([], 0, 0, []), LaneInput(ids[start:end], start, 2, [])])
-        args = dict(zip(("input_ids", "position_ids", "seq_lens", "cached_lens", "slots", "page_table"), raw))
+        args = batch.fill([LaneInput([], 0, 0, []), LaneInput(ids[start:end], start, 2, [])])
         args.update(pools.tensors)
         with torch.no_grad():
             outs.append(gm(*[args[n] for n in names]))
