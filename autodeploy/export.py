@@ -168,6 +168,10 @@ def _hf_attention(module, query, key, value, attention_mask, dropout=0.0, scalin
     if attention_mask is not None:
         raise ExportError(f"{type(module).__name__}: unexpected explicit attention mask at export")
     sinks = kwargs.get("s_aux", kwargs.get("sinks"))
+    if sliding_window is None:
+        # Models that express the window only through their mask get no mask under a custom
+        # interface; they keep it on the module (NemotronH-style, the attribute vLLM reads too).
+        sliding_window = getattr(module, "sliding_window", None)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     _AttentionCounter.calls += 1
     out = torch.ops.autodeploy.attention(
@@ -269,6 +273,41 @@ def _strip_metadata_asserts(gm: GraphModule) -> None:
     gm.recompile()
 
 
+def _probe_length(model: nn.Module, max_seq_len: int) -> int:
+    """Long enough to cross the model's sliding window (when its config names one that is small
+    enough to probe cheaply), so a window lost in export shows up as a numeric difference."""
+    window = getattr(getattr(model, "config", None), "sliding_window", None) or 0
+    return min(max_seq_len, 64 + (window if window <= 4096 else 0))
+
+
+@torch.no_grad()
+def _check_against_model(model: nn.Module, gm: GraphModule, device: torch.device) -> None:
+    """Run the exported graph and the model itself (its own attention, unrouted) on the same
+    seeded tokens and raise :class:`ExportError` if the logits disagree: a routing or capture
+    mistake must fail at build time, not produce plausible wrong tokens."""
+    length = _probe_length(model, gm.meta["autodeploy"].max_seq_len)
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embed, "num_embeddings", 1)
+    ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0)).to(device)
+    pos = torch.arange(length, device=device)[None]
+    was_training = model.training
+    model.eval()
+    try:
+        expected = LogitsOnly(model)(ids, pos).float()
+    finally:
+        model.train(was_training)
+    got = gm(ids, pos).float()
+    fp32 = expected.dtype == torch.float32 and next(model.parameters()).dtype == torch.float32
+    tol = (1e-3 if fp32 else 5e-2) * max(1.0, expected.abs().max().item())
+    diff = (got - expected).abs().max().item()
+    if not diff <= tol:
+        raise ExportError(
+            f"the exported graph of {type(model).__name__} disagrees with the model itself on a "
+            f"{length}-token probe: max |logit difference| {diff:.3g} > {tol:.3g}; a layer was "
+            "captured wrongly (attention mask or window, or an unrouted custom kernel)"
+        )
+
+
 def export_model(
     model: nn.Module,
     max_seq_len: int = 1024,
@@ -311,6 +350,7 @@ def export_model(
         routed_mamba_modules=tuple(mamba_modules),
     )
     _check_mixers_routed(model, gm)
+    _check_against_model(model, gm, device)
     logger.info(
         "exported %s: %d nodes, %d attention calls routed", type(model).__name__,
         len(gm.graph.nodes), _AttentionCounter.calls,

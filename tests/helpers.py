@@ -7,7 +7,7 @@ import collections
 import torch
 
 from autodeploy.export import ssm_mixers
-from autodeploy.models.reference import greedy_uncached
+from autodeploy.models.reference import greedy_generate, greedy_uncached
 
 ATTENTION = torch.ops.autodeploy.attention.default
 SSD_SCAN = torch.ops.autodeploy.ssd_scan.default
@@ -55,10 +55,4 @@ def hf_logits(model, length: int, seed: int = 0):
 
 
 hf_greedy_uncached = greedy_uncached  # the transformers module's own uncached forwards
-
-
-def hf_generate(model, prompt: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+hf_generate = greedy_generate  # transformers' cached generate()

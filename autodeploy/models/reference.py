@@ -14,3 +14,11 @@ def greedy_uncached(model: torch.nn.Module, prompt: list[int], n: int) -> list[i
             logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
             ids.append(int(logits.argmax()))
     return ids[len(prompt):]
+
+
+def greedy_generate(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+    """transformers' own cached ``generate()``, greedy, exactly ``n`` tokens (no EOS stop)."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()

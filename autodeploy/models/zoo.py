@@ -88,8 +88,22 @@ def _mamba2() -> Any:
     )
 
 
-# name -> (config factory, transformers class name)
+def _hybrid() -> Any:
+    from .hybrid import HybridConfig
+
+    return HybridConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128,
+        layers_block_type=["linear_attention", "mlp", "sliding_attention", "mlp",
+                           "linear_attention", "mlp", "full_attention", "mlp"],
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+        sliding_window=24, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2,
+        conv_kernel=4, expand=2, chunk_size=16,
+    )
+
+
+# name -> (config factory, class name in transformers or in autodeploy.models.hybrid)
 ZOO: dict[str, tuple[Callable[[], Any], str]] = {
+    "hybrid": (_hybrid, "HybridForCausalLM"),
     "llama": (_llama, "LlamaForCausalLM"),
     "mistral": (_mistral, "MistralForCausalLM"),
     "gemma2": (_gemma2, "Gemma2ForCausalLM"),
@@ -110,8 +124,10 @@ def build_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) ->
         raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}")
     import transformers
 
+    from . import hybrid
+
     config_fn, class_name = ZOO[name]
     config = config_fn()
     torch.manual_seed(seed)
-    model = getattr(transformers, class_name)(config)
+    model = getattr(hybrid if hasattr(hybrid, class_name) else transformers, class_name)(config)
     return model.to(dtype).eval()

@@ -1,0 +1,117 @@
+"""The embedded default: a tiny hybrid of Mamba2, sliding-window attention and full attention.
+
+No transformers family mixes all three (NemotronH and Bamba have Mamba2 and full attention only),
+so this is transformers' NemotronH with one addition: a ``"sliding_attention"`` block type whose
+attention layer is NemotronH's own, masked by transformers' sliding-window causal mask and cached
+in a ``DynamicCache`` sliding layer. Everything that computes (Mamba2 mixer, attention, masks,
+cache, ``generate()``) is transformers' code, so it stays an oracle nobody here wrote; the glue
+below only routes the new block type to it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import NemotronHConfig, NemotronHForCausalLM
+from transformers.masking_utils import (
+    create_causal_mask,
+    create_recurrent_attention_mask,
+    create_sliding_window_causal_mask,
+)
+from transformers.modeling_outputs import MoeModelOutputWithPast
+from transformers.models.nemotron_h import modeling_nemotron_h as nemotron_h
+
+SLIDING = "sliding_attention"
+
+
+class HybridConfig(NemotronHConfig):
+    """NemotronH's config, whose ``layers_block_type`` may also name ``"sliding_attention"``
+    layers (window ``sliding_window``)."""
+
+    model_type = "autodeploy_hybrid"
+
+    def validate_layer_type(self):
+        if SLIDING in (self.layer_types or []):
+            if not self.sliding_window or self.sliding_window < 1:
+                raise ValueError("a 'sliding_attention' layer needs sliding_window >= 1")
+            saved, self.layer_types = self.layer_types, [
+                "full_attention" if t == SLIDING else t for t in self.layer_types
+            ]
+            try:
+                NemotronHConfig.validate_layer_type(self)
+            finally:
+                self.layer_types = saved
+        else:
+            NemotronHConfig.validate_layer_type(self)
+
+
+def _masks(config, inputs_embeds, attention_mask, cache, position_ids) -> dict:
+    kwargs = dict(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                  cache=cache, position_ids=position_ids)
+    return {
+        "full_attention": create_causal_mask(**kwargs),
+        SLIDING: create_sliding_window_causal_mask(**kwargs),
+        "linear_attention": create_recurrent_attention_mask(**kwargs),
+    }
+
+
+class HybridBlock(nemotron_h.NemotronHBlock):
+    """A NemotronH block; a sliding block runs NemotronH's attention under the sliding mask."""
+
+    def __init__(self, config, layer_idx):
+        is_sliding = config.layers_block_type[layer_idx] == SLIDING
+        if is_sliding:
+            config.layers_block_type[layer_idx] = "full_attention"
+        try:
+            super().__init__(config, layer_idx)
+        finally:
+            if is_sliding:
+                config.layers_block_type[layer_idx] = SLIDING
+        self.mask_type = SLIDING if is_sliding else self.block_type
+        if is_sliding:
+            self.mixer.sliding_window = config.sliding_window
+
+
+class HybridModel(nemotron_h.NemotronHModel):
+    def __init__(self, config: HybridConfig):
+        nemotron_h.NemotronHPreTrainedModel.__init__(self, config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([HybridBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.norm_f = nemotron_h.NemotronHRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.post_init()
+
+    def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, cache=None, use_cache=None,
+                attention_mask=None, **kwargs):
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embeddings(input_ids)
+        if use_cache and cache is None:
+            cache = nemotron_h.DynamicCache(config=self.config)
+        hidden_states = inputs_embeds
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = (torch.arange(hidden_states.shape[1], device=hidden_states.device) + past).unsqueeze(0)
+        masks = attention_mask
+        if not isinstance(masks, dict):
+            masks = _masks(self.config, inputs_embeds, attention_mask, cache, position_ids)
+        for block in self.layers:
+            hidden_states = block(hidden_states, attention_mask=masks.get(block.mask_type),
+                                  position_ids=position_ids, cache=cache, use_cache=use_cache, **kwargs)
+        return MoeModelOutputWithPast(last_hidden_state=self.norm_f(hidden_states),
+                                      cache=cache if use_cache else None)
+
+
+class HybridForCausalLM(NemotronHForCausalLM):
+    config_class = HybridConfig
+
+    def __init__(self, config: HybridConfig):
+        nemotron_h.NemotronHPreTrainedModel.__init__(self, config)
+        self.model = HybridModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @staticmethod
+    def create_masks_for_generate(config, inputs_embeds, attention_mask, cache, position_ids=None, **_):
+        return _masks(config.get_text_config(), inputs_embeds, attention_mask, cache, position_ids)
