@@ -12,14 +12,14 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 
 from autodeploy.export import export_model
 from autodeploy.runtime.engine import Engine
-from autodeploy.runtime.pools import PoolSizes
+from autodeploy.runtime.pools import PoolSizes, full_pages_within
 from autodeploy.runtime.sampling import SamplingParams
 from autodeploy.transforms.pipeline import CACHED_PIPELINE, run_pipeline
 
@@ -35,6 +35,9 @@ class DeployConfig:
     max_batch_size: sequences per step (lanes). max_seq_len: prompt + generated tokens per request.
     page_size: tokens per KV page. max_num_tokens: token budget per step (prefill chunk size).
     num_pages: full-attention KV pages (default: enough for max_batch_size full-length requests).
+    max_cache_bytes: a memory budget for all caches instead of num_pages: the fixed caches
+    (per-slot SSM/conv state, sliding-window rings) are paid first, the rest becomes full-attention
+    pages.
     dtype: "float32" | "bfloat16" | "float16". device: "cpu" | "cuda". attn_backend, ssm_backend:
     cached-op backends ("torch" today). compile_mode: "eager".
     """
@@ -44,6 +47,7 @@ class DeployConfig:
     page_size: int = 16
     max_num_tokens: int = 128
     num_pages: int | None = None
+    max_cache_bytes: int | None = None
     dtype: str = "float32"
     device: str = "cpu"
     attn_backend: str = "torch"
@@ -55,8 +59,12 @@ class DeployConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"DeployConfig.{name} must be a positive int, got {value!r}")
-        if self.num_pages is not None and (not isinstance(self.num_pages, int) or self.num_pages <= 0):
-            raise ValueError(f"DeployConfig.num_pages must be a positive int, got {self.num_pages!r}")
+        for name in ("num_pages", "max_cache_bytes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"DeployConfig.{name} must be a positive int, got {value!r}")
+        if self.num_pages is not None and self.max_cache_bytes is not None:
+            raise ValueError("give DeployConfig.num_pages or max_cache_bytes, not both")
         if self.dtype not in DTYPES:
             raise ValueError(f"DeployConfig.dtype {self.dtype!r} unknown; known: {sorted(DTYPES)}")
         if self.compile_mode != "eager":
@@ -81,10 +89,13 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
+    """One prompt's result. ``prompt_index`` is its position in the ``generate``/``stream`` call."""
+
     request_id: int
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = True
+    prompt_index: int = 0
 
 
 def _load(model: nn.Module | str | os.PathLike, dtype: torch.dtype):
@@ -103,6 +114,17 @@ def _load(model: nn.Module | str | os.PathLike, dtype: torch.dtype):
     except (OSError, ValueError):
         tokenizer = None
     return loaded, tokenizer
+
+
+def _eos_token_ids(model: nn.Module) -> set[int]:
+    """Every end-of-sequence id the model's generation config (else its config) names."""
+    ids: set[int] = set()
+    for cfg in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        eos = getattr(cfg, "eos_token_id", None)
+        if eos is not None:
+            ids.update([eos] if isinstance(eos, int) else eos)
+            break
+    return ids
 
 
 class LLM:
@@ -124,12 +146,13 @@ class LLM:
         })
         self.build_seconds = time.perf_counter() - start
         sizes = PoolSizes(cfg.max_batch_size, cfg.max_seq_len, cfg.page_size, cfg.max_num_tokens, cfg.num_pages)
+        if cfg.max_cache_bytes is not None:
+            sizes.num_full_pages = full_pages_within(cfg.max_cache_bytes, self.gm.meta.get("autodeploy_caches", []), sizes)
         model_cfg = getattr(self.model, "config", None)
         vocab = getattr(model_cfg, "vocab_size", None) or self.gm.graph.output_node().args[0].meta["val"].shape[-1]
-        eos = getattr(model_cfg, "eos_token_id", None)
-        if isinstance(eos, (list, tuple)):
-            eos = eos[0] if eos else None
-        self.engine = Engine(self.gm, sizes, vocab, eos, cfg.device)
+        self.engine = Engine(self.gm, sizes, vocab, _eos_token_ids(self.model), cfg.device)
+        logger.info("cache pools: %s; %d full-attention pages of %d tokens", {
+            pool: f"{b / 2**20:.1f} MiB" for pool, b in self.cache_bytes().items()}, sizes.num_full_pages, cfg.page_size)
 
     def cache_bytes(self) -> dict[str, int]:
         return self.engine.pools.bytes_by_pool()
@@ -151,6 +174,20 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt; returns one RequestOutput per prompt, in order."""
+        final: dict[int, RequestOutput] = {}
+        for out in self.stream(prompts, sampling_params):
+            if out.finished:
+                final[out.prompt_index] = out
+        return [final[i] for i in range(len(final))]
+
+    def stream(
+        self,
+        prompts: Any,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> Iterator[RequestOutput]:
+        """Serve every prompt concurrently, yielding a RequestOutput (all tokens so far) each time a
+        prompt gains tokens; the last one per prompt has ``finished=True``. Every request is
+        validated before any is queued; leaving the loop early aborts the unfinished ones."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -159,20 +196,30 @@ class LLM:
         params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
-        token_lists = [self._prompt_ids(p) for p in prompts]  # validate all before queueing any
-        ids = []
+        token_lists = [self._prompt_ids(p) for p in prompts]
+        ids: list[int] = []
         try:
             for tokens, p in zip(token_lists, params):
                 ids.append(self.engine.add_request(tokens, p))
-        except Exception:
+            reported = dict.fromkeys(ids, 0)
+            while reported:
+                self.engine.step()
+                for index, rid in enumerate(ids):
+                    req = self.engine.requests.get(rid)
+                    if rid not in reported or (len(req.output) == reported[rid] and not req.finished):
+                        continue
+                    reported[rid] = len(req.output)
+                    if req.finished:
+                        del reported[rid]
+                        self.engine.requests.pop(rid)
+                    yield self._output(req, index)
+        finally:
             for rid in ids:
-                self.engine.abort(rid)
-            raise
-        while any(not self.engine.requests[i].finished for i in ids):
-            self.engine.step()
-        outputs = []
-        for rid in ids:
-            req = self.engine.requests.pop(rid)
-            text = self.tokenizer.decode(req.output) if self.tokenizer is not None else None
-            outputs.append(RequestOutput(rid, req.prompt, [CompletionOutput(0, req.output, text, req.finish_reason)]))
-        return outputs
+                if rid in self.engine.requests:
+                    self.engine.abort(rid)
+                    self.engine.requests.pop(rid)
+
+    def _output(self, req, index: int) -> RequestOutput:
+        text = self.tokenizer.decode(req.output) if self.tokenizer is not None else None
+        return RequestOutput(req.request_id, list(req.prompt),
+                             [CompletionOutput(0, list(req.output), text, req.finish_reason)], req.finished, index)

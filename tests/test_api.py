@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from autodeploy import LLM, DeployConfig, SamplingParams
+from autodeploy.api import _eos_token_ids
+from autodeploy.cache_spec import POOL_FULL
 from autodeploy.models import build_model, zoo_names
 
 from helpers import hf_generate, hf_greedy_uncached
@@ -128,3 +130,53 @@ def test_bad_config_and_prompts():
 def test_string_prompt_without_tokenizer(llm):
     with pytest.raises(ValueError, match="string prompts need a tokenizer"):
         llm.generate("hello")
+
+
+def test_cache_budget_sizes_the_full_attention_pool():
+    """max_cache_bytes pays the fixed caches (SSM/conv state, window rings) first; the rest becomes
+    full-attention pages. Too small a budget is an error that says what took the memory."""
+    model = build_model("hybrid")
+    roomy = LLM(model, max_batch_size=2, max_seq_len=64, page_size=8, max_num_tokens=16, num_pages=10)
+    per_page = roomy.cache_bytes()[POOL_FULL] // 11  # 10 pages + the null page
+    fixed = sum(b for pool, b in roomy.cache_bytes().items() if pool != POOL_FULL)
+    budget = fixed + 7 * per_page + per_page // 2  # 6 usable pages + the null page, half a page spare
+    sized = LLM(model, max_batch_size=2, max_seq_len=64, page_size=8, max_num_tokens=16, max_cache_bytes=budget)
+    assert sized.engine.sizes.num_full_pages == 6
+    assert sum(sized.cache_bytes().values()) <= budget
+    with pytest.raises(ValueError, match="leaves no full-attention page"):
+        LLM(model, max_batch_size=2, max_seq_len=64, page_size=8, max_num_tokens=16, max_cache_bytes=fixed + per_page)
+    with pytest.raises(ValueError, match="num_pages or max_cache_bytes, not both"):
+        DeployConfig(num_pages=4, max_cache_bytes=1 << 20)
+
+
+def test_stream_yields_growing_snapshots_and_early_exit_aborts(llm):
+    ps = prompts(256, [12, 30], seed=4)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    final = llm.generate([{"prompt_token_ids": p} for p in ps], params)
+    seen: dict[int, list[list[int]]] = {0: [], 1: []}
+    for out in llm.stream([{"prompt_token_ids": p} for p in ps], params):
+        seen[out.prompt_index].append(out.outputs[0].token_ids)
+        assert out.finished == (len(out.outputs[0].token_ids) == 6)
+    for i in (0, 1):
+        assert [len(t) for t in seen[i]] == [1, 2, 3, 4, 5, 6]  # one snapshot per new token
+        assert seen[i][-1] == final[i].outputs[0].token_ids
+    stream = llm.stream([{"prompt_token_ids": p} for p in ps], params)
+    next(stream)
+    stream.close()  # the caller stops listening: both requests are aborted, their caches freed
+    assert not llm.engine.has_unfinished() and not llm.engine.requests
+    llm.engine.pools.assert_empty()
+
+
+def test_every_eos_id_of_the_generation_config_stops(llm):
+    """Models such as Llama 3 name several end-of-sequence ids; any of them ends a request."""
+    p = prompts(256, [9], seed=2)[0]
+    tokens = llm.generate([{"prompt_token_ids": p}], SamplingParams(max_tokens=10, ignore_eos=True))[0].outputs[0].token_ids
+    gen_config, saved = llm.model.generation_config, (llm.model.generation_config.eos_token_id, llm.engine.eos_token_ids)
+    try:
+        gen_config.eos_token_id = [254 if tokens[4] == 255 else 255, tokens[4]]
+        llm.engine.eos_token_ids = frozenset(_eos_token_ids(llm.model))
+        assert llm.engine.eos_token_ids == set(gen_config.eos_token_id)
+        out = llm.generate([{"prompt_token_ids": p}], SamplingParams(max_tokens=10))[0].outputs[0]
+    finally:
+        gen_config.eos_token_id, llm.engine.eos_token_ids = saved
+    assert out.token_ids == tokens[: tokens.index(tokens[4]) + 1] and out.finish_reason == "stop"

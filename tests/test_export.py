@@ -86,3 +86,15 @@ def test_unroutable_mamba_mixer_is_named():
 def test_bad_max_seq_len():
     with pytest.raises(ValueError, match="max_seq_len"):
         export_model(TinyLM(), max_seq_len=1)
+
+
+def test_graph_that_disagrees_with_the_model_is_refused():
+    """The hybrid's sliding layer names its window only on the module (transformers passes no mask
+    to a custom attention interface); without it the routed op would attend to everything. The
+    build-time probe (longer than the window) must catch that instead of serving wrong tokens."""
+    model = build_model("hybrid")
+    sliding = model.model.layers[2].mixer
+    assert sliding.sliding_window == model.config.sliding_window
+    del sliding.sliding_window
+    with pytest.raises(ExportError, match="disagrees with the model itself"):
+        export_model(model, max_seq_len=128)

@@ -61,6 +61,9 @@ class HybridBlock(nemotron_h.NemotronHBlock):
     def __init__(self, config, layer_idx):
         is_sliding = config.layers_block_type[layer_idx] == SLIDING
         if is_sliding:
+            if not config.sliding_window or config.sliding_window < 1:  # the config is not validated on init
+                raise ValueError(f"layer {layer_idx} is 'sliding_attention' but sliding_window is "
+                                 f"{config.sliding_window!r}; it must be >= 1")
             config.layers_block_type[layer_idx] = "full_attention"
         try:
             super().__init__(config, layer_idx)

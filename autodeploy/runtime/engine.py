@@ -13,6 +13,7 @@ import itertools
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 from torch.fx import GraphModule
@@ -50,9 +51,10 @@ class Request:
 class Engine:
     """Runs a cached GraphModule. ``add_request`` validates; ``step`` advances every request."""
 
-    def __init__(self, gm: GraphModule, sizes: PoolSizes, vocab_size: int, eos_token_id: int | None = None,
+    def __init__(self, gm: GraphModule, sizes: PoolSizes, vocab_size: int, eos_token_ids: Iterable[int] = (),
                  device: torch.device | str = "cpu"):
-        self.gm, self.sizes, self.vocab_size, self.eos_token_id = gm, sizes, vocab_size, eos_token_id
+        self.gm, self.sizes, self.vocab_size = gm, sizes, vocab_size
+        self.eos_token_ids = frozenset(eos_token_ids)
         specs: list[CacheSpec] = gm.meta.get("autodeploy_caches", [])
         self.pools = CachePools(specs, sizes, device)
         self.inputs = BatchInputs(sizes.max_batch_size, sizes.max_num_tokens, sizes.max_pages_per_seq, device)
@@ -138,6 +140,9 @@ class Engine:
         """Run one step; returns the requests that finished in it."""
         lanes = self._schedule()
         if not lanes:
+            if self.waiting:  # admission checks make this impossible; never spin silently
+                raise RuntimeError(f"scheduler stalled: {len(self.waiting)} waiting, {self.pools.pages.num_free} "
+                                   f"free pages, {self.pools.slots.num_free} free slots")
             return []
         by_name = self.inputs.fill([
             LaneInput(req.tokens[req.num_cached:req.num_cached + n], req.num_cached, req.slot, req.pages)
@@ -157,7 +162,7 @@ class Engine:
             reason = None
             if token in req.params.stop_token_ids:
                 reason = "stop"
-            elif token == self.eos_token_id and not req.params.ignore_eos:
+            elif token in self.eos_token_ids and not req.params.ignore_eos:
                 reason = "stop"
             elif len(req.output) >= req.params.max_tokens:
                 reason = "length"

@@ -10,6 +10,7 @@ Accounting is exact: freeing something not allocated, or allocating twice, raise
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,44 @@ class PoolSizes:
         return -(-self.max_seq_len // self.page_size)
 
 
+def cache_shape(spec: CacheSpec, sizes: PoolSizes) -> tuple[int, ...]:
+    """The tensor shape of one cache: pages x page_size x ... for KV, slots x ... for state.
+    Full-attention pools add the null page; everything per slot adds the null slot."""
+    slots_total = sizes.max_batch_size + 1
+    if spec.kind != "kv":
+        return (slots_total, *spec.shape)
+    if spec.pool == POOL_FULL:
+        pages = sizes.num_full_pages + 1
+    else:
+        pages = slots_total * swa_ring_pages(spec.window, sizes.max_num_tokens, sizes.page_size)
+    return (pages, sizes.page_size, *spec.shape)
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def full_pages_within(budget_bytes: int, specs: list[CacheSpec], sizes: PoolSizes) -> int:
+    """How many full-attention pages fit in ``budget_bytes`` once the caches whose size the
+    budget cannot change (sliding-window rings, SSM and conv state: fixed by the batch size and
+    the window) and the null page are paid for. Raises ValueError if not even one page fits."""
+    fixed = sum(_nbytes(cache_shape(s, sizes), s.dtype) for s in specs if s.pool != POOL_FULL)
+    per_page = sum(_nbytes((sizes.page_size, *s.shape), s.dtype) for s in specs if s.pool == POOL_FULL)
+    if not per_page:
+        if budget_bytes < fixed:
+            raise ValueError(f"cache budget {budget_bytes} bytes is below the fixed caches ({fixed} bytes: "
+                             f"per-slot state and sliding-window rings for {sizes.max_batch_size} sequences); "
+                             "raise it or lower max_batch_size")
+        return sizes.num_full_pages
+    pages = (budget_bytes - fixed) // per_page - 1  # minus the null page
+    if pages < 1:
+        raise ValueError(f"cache budget {budget_bytes} bytes leaves no full-attention page: the fixed caches take "
+                         f"{fixed} bytes (per-slot state and sliding-window rings for {sizes.max_batch_size} "
+                         f"sequences) and one page of {sizes.page_size} tokens takes {per_page}; raise the budget "
+                         "or lower max_batch_size")
+    return pages
+
+
 class CachePools:
     """Allocates every cache tensor a graph's specs ask for, plus the slot and page allocators."""
 
@@ -82,18 +121,9 @@ class CachePools:
         self.specs, self.sizes = specs, sizes
         self.slots = IndexAllocator(sizes.max_batch_size, "sequence slots")
         self.pages = IndexAllocator(sizes.num_full_pages, "full-attention KV pages")
-        self.tensors: dict[str, torch.Tensor] = {}
-        slots_total = sizes.max_batch_size + 1
-        for spec in specs:
-            if spec.kind == "kv":
-                if spec.pool == POOL_FULL:
-                    pages = sizes.num_full_pages + 1
-                else:
-                    pages = slots_total * swa_ring_pages(spec.window, sizes.max_num_tokens, sizes.page_size)
-                shape = (pages, sizes.page_size, *spec.shape)
-            else:
-                shape = (slots_total, *spec.shape)
-            self.tensors[spec.name] = torch.zeros(shape, dtype=spec.dtype, device=device)
+        self.tensors = {
+            spec.name: torch.zeros(cache_shape(spec, sizes), dtype=spec.dtype, device=device) for spec in specs
+        }
 
     def bytes_by_pool(self) -> dict[str, int]:
         out: dict[str, int] = {}
