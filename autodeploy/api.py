@@ -20,7 +20,9 @@ import torch.nn as nn
 from autodeploy.export import export_model
 from autodeploy.runtime.engine import Engine
 from autodeploy.runtime.pools import PoolSizes, full_pages_within
+from autodeploy.runtime.runner import GraphRunner
 from autodeploy.runtime.sampling import SamplingParams
+from autodeploy.runtime.speculative import DraftModelDrafter, Drafter, NgramDrafter, SpecDecodingStats
 from autodeploy.transforms.pipeline import CACHED_PIPELINE, run_pipeline
 
 logger = logging.getLogger("autodeploy")
@@ -40,6 +42,9 @@ class DeployConfig:
     pages.
     dtype: "float32" | "bfloat16" | "float16". device: "cpu" | "cuda". attn_backend, ssm_backend:
     cached-op backends ("torch" today). compile_mode: "eager".
+    speculative_config: speculative decoding, vLLM's keys: {"method": "ngram", "num_speculative_tokens":
+    K, "prompt_lookup_max": 4, "prompt_lookup_min": 1} or {"method": "draft_model", "model": <model
+    instance or checkpoint directory>, "num_speculative_tokens": K}. None: off.
     """
 
     max_batch_size: int = 8
@@ -53,6 +58,7 @@ class DeployConfig:
     attn_backend: str = "torch"
     ssm_backend: str = "torch"
     compile_mode: str = "eager"
+    speculative_config: dict | None = None
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_seq_len", "page_size", "max_num_tokens"):
@@ -69,6 +75,12 @@ class DeployConfig:
             raise ValueError(f"DeployConfig.dtype {self.dtype!r} unknown; known: {sorted(DTYPES)}")
         if self.compile_mode != "eager":
             raise ValueError(f"DeployConfig.compile_mode {self.compile_mode!r} unknown; known: ['eager']")
+        if self.speculative_config is not None:
+            self.speculative_config = _check_speculative_config(self.speculative_config, self.max_num_tokens)
+
+    @property
+    def num_speculative_tokens(self) -> int:
+        return self.speculative_config["num_speculative_tokens"] if self.speculative_config else 0
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "DeployConfig":
@@ -77,6 +89,33 @@ class DeployConfig:
         if unknown:
             raise TypeError(f"unknown LLM option(s) {unknown}; known: {sorted(known)}")
         return cls(**kwargs)
+
+
+SPECULATIVE_KEYS = {
+    "ngram": {"method": None, "num_speculative_tokens": None, "prompt_lookup_max": 4, "prompt_lookup_min": 1},
+    "draft_model": {"method": None, "num_speculative_tokens": None, "model": None},
+}
+
+
+def _check_speculative_config(spec: dict, max_num_tokens: int) -> dict:
+    """The speculative config with defaults filled in; ValueError naming what is wrong."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"speculative_config must be a dict, got {type(spec).__name__}")
+    method = spec.get("method")
+    if method not in SPECULATIVE_KEYS:
+        raise ValueError(f"speculative_config method {method!r} unknown; known: {sorted(SPECULATIVE_KEYS)}")
+    known = SPECULATIVE_KEYS[method]
+    unknown = sorted(set(spec) - set(known))
+    if unknown:
+        raise ValueError(f"speculative_config keys {unknown} unknown for method {method!r}; known: {sorted(known)}")
+    out = {**known, **spec}
+    k = out["num_speculative_tokens"]
+    if not isinstance(k, int) or not 1 <= k < max_num_tokens:
+        raise ValueError(f"speculative_config num_speculative_tokens must be an int in [1, max_num_tokens "
+                         f"{max_num_tokens}), got {k!r}")
+    if method == "draft_model" and out["model"] is None:
+        raise ValueError("speculative_config method 'draft_model' needs 'model' (a model or a checkpoint directory)")
+    return out
 
 
 @dataclass
@@ -96,6 +135,7 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = True
     prompt_index: int = 0
+    spec_stats: SpecDecodingStats | None = None  # with speculative decoding: drafts proposed/accepted
 
 
 def _load(model: nn.Module | str | os.PathLike, dtype: torch.dtype):
@@ -114,6 +154,22 @@ def _load(model: nn.Module | str | os.PathLike, dtype: torch.dtype):
     except (OSError, ValueError):
         tokenizer = None
     return loaded, tokenizer
+
+
+def _cached_graph(model: nn.Module, cfg: DeployConfig):
+    """Export ``model`` and run the cached pipeline: (graph, transform infos)."""
+    gm = export_model(model, max_seq_len=cfg.max_seq_len)
+    infos = run_pipeline(gm, CACHED_PIPELINE, {
+        "insert_cached_attention": {"page_size": cfg.page_size, "max_num_tokens": cfg.max_num_tokens,
+                                    "backend": cfg.attn_backend},
+        "insert_cached_ssm": {"backend": cfg.ssm_backend, "max_draft_tokens": cfg.num_speculative_tokens},
+    })
+    return gm, infos
+
+
+def _vocab_size(model: nn.Module, gm) -> int:
+    return (getattr(getattr(model, "config", None), "vocab_size", None)
+            or gm.graph.output_node().args[0].meta["val"].shape[-1])
 
 
 def _eos_token_ids(model: nn.Module) -> set[int]:
@@ -138,24 +194,38 @@ class LLM:
         self.model = model.to(device=self.config.device, dtype=dtype).eval()
         cfg = self.config
         start = time.perf_counter()
-        self.gm = export_model(self.model, max_seq_len=cfg.max_seq_len)
-        self.transform_infos = run_pipeline(self.gm, CACHED_PIPELINE, {
-            "insert_cached_attention": {"page_size": cfg.page_size, "max_num_tokens": cfg.max_num_tokens,
-                                        "backend": cfg.attn_backend},
-            "insert_cached_ssm": {"backend": cfg.ssm_backend},
-        })
-        self.build_seconds = time.perf_counter() - start
+        self.gm, self.transform_infos = _cached_graph(self.model, cfg)
         sizes = PoolSizes(cfg.max_batch_size, cfg.max_seq_len, cfg.page_size, cfg.max_num_tokens, cfg.num_pages)
         if cfg.max_cache_bytes is not None:
             sizes.num_full_pages = full_pages_within(cfg.max_cache_bytes, self.gm.meta.get("autodeploy_caches", []), sizes)
-        model_cfg = getattr(self.model, "config", None)
-        vocab = getattr(model_cfg, "vocab_size", None) or self.gm.graph.output_node().args[0].meta["val"].shape[-1]
-        self.engine = Engine(self.gm, sizes, vocab, _eos_token_ids(self.model), cfg.device)
+        vocab = _vocab_size(self.model, self.gm)
+        self.drafter = self._drafter(sizes, vocab, dtype)
+        self.build_seconds = time.perf_counter() - start
+        self.engine = Engine(self.gm, sizes, vocab, _eos_token_ids(self.model), cfg.device, self.drafter)
+        self.spec_stats = SpecDecodingStats() if self.drafter is not None else None
         logger.info("cache pools: %s; %d full-attention pages of %d tokens", {
             pool: f"{b / 2**20:.1f} MiB" for pool, b in self.cache_bytes().items()}, sizes.num_full_pages, cfg.page_size)
 
+    def _drafter(self, sizes: PoolSizes, vocab: int, dtype: torch.dtype) -> Drafter | None:
+        spec, k = self.config.speculative_config, self.config.num_speculative_tokens
+        if spec is None:
+            return None
+        if spec["method"] == "ngram":
+            return NgramDrafter(k, spec["prompt_lookup_min"], spec["prompt_lookup_max"])
+        draft, _ = _load(spec["model"], dtype)
+        draft = draft.to(device=self.config.device, dtype=dtype).eval()
+        self.draft_model = draft
+        gm, _ = _cached_graph(draft, self.config)
+        if _vocab_size(draft, gm) != vocab:
+            raise ValueError(f"the draft model's vocabulary ({_vocab_size(draft, gm)}) differs from the target's ({vocab})")
+        return DraftModelDrafter(GraphRunner(gm, dataclasses.replace(sizes), self.config.device), k)
+
     def cache_bytes(self) -> dict[str, int]:
-        return self.engine.pools.bytes_by_pool()
+        """Bytes per cache pool; a draft model's pools are prefixed "draft:"."""
+        out = self.engine.pools.bytes_by_pool()
+        if isinstance(self.drafter, DraftModelDrafter):
+            out.update({f"draft:{pool}": b for pool, b in self.drafter.runner.pools.bytes_by_pool().items()})
+        return out
 
     def _prompt_ids(self, prompt: Any) -> list[int]:
         if isinstance(prompt, dict):
@@ -212,6 +282,8 @@ class LLM:
                     if req.finished:
                         del reported[rid]
                         self.engine.requests.pop(rid)
+                        if self.spec_stats is not None:
+                            self.spec_stats.add(req.spec)
                     yield self._output(req, index)
         finally:
             for rid in ids:
@@ -221,5 +293,6 @@ class LLM:
 
     def _output(self, req, index: int) -> RequestOutput:
         text = self.tokenizer.decode(req.output) if self.tokenizer is not None else None
+        spec = dataclasses.replace(req.spec) if self.drafter is not None else None
         return RequestOutput(req.request_id, list(req.prompt),
-                             [CompletionOutput(0, list(req.output), text, req.finish_reason)], req.finished, index)
+                             [CompletionOutput(0, list(req.output), text, req.finish_reason)], req.finished, index, spec)

@@ -16,10 +16,15 @@ import torch
 #   cached_lens [B] int32  tokens of the lane's sequence already in the caches
 #   slots [B] int32        sequence slot (0 = the null slot, for padded lanes)
 #   page_table [B, P] int32  full-attention physical pages per lane (0 = the null page)
-RAW_INPUTS = ("seq_lens", "cached_lens", "slots", "page_table")
+#   accepted_lens [B] int32  tokens of the lane's previous verify step that were accepted (its first
+#                            token plus accepted drafts): replayed onto SSM/conv state first; else 0
+#   verify [B] bool        the lane's tokens are a verify step (last token + drafts): the SSM/conv
+#                            state is not advanced, their inputs go to the replay buffer
+RAW_INPUTS = ("seq_lens", "cached_lens", "slots", "page_table", "accepted_lens", "verify")
 STEP_INPUTS = ("input_ids", "position_ids", *RAW_INPUTS)  # what BatchInputs.fill produces
 
 POOL_FULL = "kv_full"
+POOL_REPLAY = "replay"  # per-slot replay buffers of speculative decoding
 
 
 def swa_pool(window: int) -> str:

@@ -1,7 +1,8 @@
 """Prepare ops: derive every buffer the cached ops read from the raw batch facts, in the graph.
 
 The runtime hands the graph only raw facts per step (flat token ids; per lane: new-token count,
-cached length, sequence slot, full-attention page table). These ops turn them into kernel
+cached length, sequence slot, full-attention page table, accepted tokens of its previous verify
+step, whether it verifies drafts now). These ops turn them into kernel
 metadata, so every execution path computes them the same way (see DESIGN.md, "the graph owns all
 buffer initialisation"). Pure tensor arithmetic: no host sync, nothing read from outside the graph.
 
@@ -85,18 +86,23 @@ def _(input_ids, seq_lens, cached_lens, slots, page_table, page_size, window, ri
 
 @torch.library.custom_op("autodeploy::prepare_ssm_metadata", mutates_args=())
 def prepare_ssm_metadata(
-    input_ids: torch.Tensor, seq_lens: torch.Tensor, cached_lens: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SSM/conv metadata: (cu_seqlens [B+1] int64, has_state [B] bool).
-
-    A lane continues from its slot's state only if it has cached tokens; a new sequence starts
-    from zeros, so a reused slot never leaks the previous request's state.
+    input_ids: torch.Tensor, seq_lens: torch.Tensor, cached_lens: torch.Tensor, accepted_lens: torch.Tensor,
+    verify: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SSM/conv metadata and replay work items, per lane:
+      cu_seqlens [B+1] int64  token offsets
+      has_state [B] bool      continue from the slot's state (cached tokens exist); a new sequence
+                              starts from zeros, so a reused slot never leaks the previous state
+      replay_lens [B] int64   tokens of the slot's replay buffer to fold into its state first
+      is_verify [B] bool      the lane's tokens are drafts under verification: outputs only, the
+                              state is not advanced and the tokens' inputs go to the replay buffer
     """
     cu, _ = _token_lanes(input_ids, seq_lens)
-    return cu, cached_lens > 0
+    return cu, cached_lens > 0, accepted_lens.long(), verify & (seq_lens > 0)
 
 
 @prepare_ssm_metadata.register_fake
-def _(input_ids, seq_lens, cached_lens):
+def _(input_ids, seq_lens, cached_lens, accepted_lens, verify):
     B = seq_lens.shape[0]
-    return seq_lens.new_empty(B + 1, dtype=torch.int64), seq_lens.new_empty(B, dtype=torch.bool)
+    return (seq_lens.new_empty(B + 1, dtype=torch.int64), seq_lens.new_empty(B, dtype=torch.bool),
+            seq_lens.new_empty(B, dtype=torch.int64), seq_lens.new_empty(B, dtype=torch.bool))

@@ -19,6 +19,8 @@ class LaneInput:
     cached_len: int  # tokens of the sequence already in the caches
     slot: int
     pages: list[int]  # full-attention pages of the sequence (may cover more than needed)
+    accepted: int = 0  # tokens of the previous verify step that were accepted (replayed first)
+    verify: bool = False  # tokens are [last token, drafts...]: SSM state kept, inputs stored for replay
 
 
 class BatchInputs:
@@ -32,6 +34,8 @@ class BatchInputs:
         self.cached_lens = torch.zeros(max_batch_size, dtype=torch.int32, device=device)
         self.slots = torch.zeros(max_batch_size, dtype=torch.int32, device=device)
         self.page_table = torch.zeros(max_batch_size, max_pages_per_seq, dtype=torch.int32, device=device)
+        self.accepted_lens = torch.zeros(max_batch_size, dtype=torch.int32, device=device)
+        self.verify = torch.zeros(max_batch_size, dtype=torch.bool, device=device)
 
     def fill(self, lanes: list[LaneInput]) -> dict[str, torch.Tensor]:
         """Write the lanes into the buffers; returns the step's graph inputs by name (STEP_INPUTS)."""
@@ -46,14 +50,15 @@ class BatchInputs:
             raise ValueError(f"{T} tokens > max_num_tokens {self.max_num_tokens}")
         self.input_ids[0, :T] = torch.tensor(ids, dtype=torch.long)
         self.position_ids[0, :T] = torch.tensor(pos, dtype=torch.long)
-        for buf in (self.seq_lens, self.cached_lens, self.slots, self.page_table):
+        raw = (self.seq_lens, self.cached_lens, self.slots, self.page_table, self.accepted_lens, self.verify)
+        for buf in raw:
             buf.zero_()
         for i, lane in enumerate(lanes):
             self.seq_lens[i] = len(lane.tokens)
             self.cached_lens[i] = lane.cached_len
             self.slots[i] = lane.slot
+            self.accepted_lens[i] = lane.accepted
+            self.verify[i] = lane.verify
             if lane.pages:
                 self.page_table[i, : len(lane.pages)] = torch.tensor(lane.pages, dtype=torch.int32)
-        values = (self.input_ids[:, :T], self.position_ids[:, :T], self.seq_lens, self.cached_lens, self.slots,
-                  self.page_table)
-        return dict(zip(STEP_INPUTS, values))
+        return dict(zip(STEP_INPUTS, (self.input_ids[:, :T], self.position_ids[:, :T], *raw)))

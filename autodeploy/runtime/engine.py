@@ -5,6 +5,10 @@ requests, then newly admitted requests), writes the raw inputs, runs the graph o
 the next token of every lane whose sequence is fully in the cache. Admission reserves a slot and
 the full-attention pages for the request's whole length (prompt + max_tokens), so a running
 request never runs out of pages; requests that do not fit yet wait.
+
+With a drafter, a decode lane becomes a verify lane: the last token plus up to K drafts (never
+past max_tokens, within the step's token budget); ``accept`` decides how many are committed, and
+the accepted count is handed to the next step's graph, which replays it onto the SSM state.
 """
 
 from __future__ import annotations
@@ -18,11 +22,11 @@ from typing import Iterable
 import torch
 from torch.fx import GraphModule
 
-from autodeploy.cache_spec import CacheSpec
-from autodeploy.fx_utils import placeholder_names
-from autodeploy.runtime.batch import BatchInputs, LaneInput
-from autodeploy.runtime.pools import CachePools, PoolSizes
+from autodeploy.runtime.batch import LaneInput
+from autodeploy.runtime.pools import PoolSizes
+from autodeploy.runtime.runner import GraphRunner
 from autodeploy.runtime.sampling import SamplingParams, sample
+from autodeploy.runtime.speculative import Draft, Drafter, SpecDecodingStats, accept
 
 logger = logging.getLogger("autodeploy.engine")
 
@@ -38,6 +42,8 @@ class Request:
     pages: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    accepted: int = 0  # tokens of the last verify step that were committed: the next step replays them
+    spec: SpecDecodingStats = field(default_factory=SpecDecodingStats)
 
     @property
     def tokens(self) -> list[int]:
@@ -52,13 +58,12 @@ class Engine:
     """Runs a cached GraphModule. ``add_request`` validates; ``step`` advances every request."""
 
     def __init__(self, gm: GraphModule, sizes: PoolSizes, vocab_size: int, eos_token_ids: Iterable[int] = (),
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", drafter: Drafter | None = None):
         self.gm, self.sizes, self.vocab_size = gm, sizes, vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
-        specs: list[CacheSpec] = gm.meta.get("autodeploy_caches", [])
-        self.pools = CachePools(specs, sizes, device)
-        self.inputs = BatchInputs(sizes.max_batch_size, sizes.max_num_tokens, sizes.max_pages_per_seq, device)
-        self.input_names = placeholder_names(gm)
+        self.runner = GraphRunner(gm, sizes, device)
+        self.pools = self.runner.pools
+        self.drafter = drafter
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[int, Request] = {}
@@ -103,6 +108,8 @@ class Engine:
 
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
+        if self.drafter is not None:
+            self.drafter.release(req)
         if req in self.running:
             self.running.remove(req)
             self.pools.slots.free([req.slot])
@@ -111,6 +118,7 @@ class Engine:
 
     # -- scheduling ------------------------------------------------------------------------------
     def _schedule(self) -> list[tuple[Request, int]]:
+        """(request, new tokens) per lane; a decode lane's count includes the drafts it may carry."""
         budget, lanes = self.sizes.max_num_tokens, []
         decodes = [r for r in self.running if len(r.tokens) - r.num_cached == 1]
         prefills = [r for r in self.running if len(r.tokens) - r.num_cached > 1]
@@ -120,6 +128,12 @@ class Engine:
                 break
             lanes.append((req, n))
             budget -= n
+        if self.drafter is not None:  # leftover budget goes to drafts, never past max_tokens
+            for i, (req, n) in enumerate(lanes):
+                if req in decodes and budget > 0:
+                    k = min(self.drafter.max_draft_tokens, req.params.max_tokens - len(req.output) - 1, budget)
+                    lanes[i] = (req, 1 + max(k, 0))
+                    budget -= max(k, 0)
         while self.waiting and budget > 0 and len(lanes) < self.sizes.max_batch_size and self.pools.slots.num_free:
             req = self.waiting[0]
             need = self._pages_for(len(req.prompt) + req.params.max_tokens)
@@ -144,29 +158,63 @@ class Engine:
                 raise RuntimeError(f"scheduler stalled: {len(self.waiting)} waiting, {self.pools.pages.num_free} "
                                    f"free pages, {self.pools.slots.num_free} free slots")
             return []
-        by_name = self.inputs.fill([
-            LaneInput(req.tokens[req.num_cached:req.num_cached + n], req.num_cached, req.slot, req.pages)
-            for req, n in lanes
+        drafts = self._drafts(lanes)
+        lanes = [(req, 1 if i in drafts or len(req.tokens) - req.num_cached == 1 else n)
+                 for i, (req, n) in enumerate(lanes)]  # a decode lane with no drafts has 1 token
+        logits = self.runner.run([
+            LaneInput(req.tokens[req.num_cached:req.num_cached + n] + (drafts[i].tokens if i in drafts else []),
+                      req.num_cached, req.slot, req.pages, accepted=req.accepted, verify=i in drafts)
+            for i, (req, n) in enumerate(lanes)
         ])
-        by_name.update(self.pools.tensors)
-        logits = self.gm(*[by_name[name] for name in self.input_names])
         self.num_steps += 1
         finished, offset = [], 0
-        for req, n in lanes:
-            offset += n
-            req.num_cached += n
-            if req.num_cached < len(req.tokens):
-                continue  # a prefill chunk: no token to sample yet
-            token = sample(logits[0, offset - 1], req.params, req.generator)
-            req.output.append(token)
-            reason = None
-            if token in req.params.stop_token_ids:
-                reason = "stop"
-            elif token in self.eos_token_ids and not req.params.ignore_eos:
-                reason = "stop"
-            elif len(req.output) >= req.params.max_tokens:
-                reason = "length"
-            if reason:
-                self._finish(req, reason)
-                finished.append(req)
+        for i, (req, n) in enumerate(lanes):
+            req.accepted = 0
+            if i in drafts:
+                draft = drafts[i]
+                rows = logits[offset:offset + 1 + len(draft.tokens)]
+                offset += len(rows)
+                num_accepted, bonus = accept(rows, draft, req.params, req.generator)
+                req.num_cached += 1 + num_accepted
+                req.accepted = 1 + num_accepted
+                req.spec.add(SpecDecodingStats(1, len(draft.tokens), num_accepted))
+                new_tokens = draft.tokens[:num_accepted] + [bonus]
+            else:
+                offset += n
+                req.num_cached += n
+                if req.num_cached < len(req.tokens):
+                    continue  # a prefill chunk: no token to sample yet
+                new_tokens = [sample(logits[offset - 1], req.params, req.generator)]
+            for token in new_tokens:
+                req.output.append(token)
+                reason = self._stop_reason(req, token)
+                if reason:
+                    self._finish(req, reason)
+                    finished.append(req)
+                    break
         return finished
+
+    def _drafts(self, lanes: list[tuple[Request, int]]) -> dict[int, Draft]:
+        """Lane index -> its drafts, for decode lanes the scheduler gave room for drafts."""
+        wanted = [(i, req, n - 1) for i, (req, n) in enumerate(lanes)
+                  if n > 1 and len(req.tokens) - req.num_cached == 1]
+        if not wanted:
+            return {}
+        proposed = self.drafter.propose([req for _, req, _ in wanted], [k for _, _, k in wanted])
+        out = {}
+        for (i, _, k), draft in zip(wanted, proposed):
+            if len(draft.tokens) > k or any(not 0 <= t < self.vocab_size for t in draft.tokens):
+                raise RuntimeError(f"drafter {type(self.drafter).__name__} proposed {draft.tokens} for at most {k} "
+                                   f"tokens in [0, {self.vocab_size})")
+            if draft.tokens:
+                out[i] = draft
+        return out
+
+    def _stop_reason(self, req: Request, token: int) -> str | None:
+        if token in req.params.stop_token_ids:
+            return "stop"
+        if token in self.eos_token_ids and not req.params.ignore_eos:
+            return "stop"
+        if len(req.output) >= req.params.max_tokens:
+            return "length"
+        return None

@@ -57,7 +57,7 @@ class InsertCachedAttention(Transform):
             return
         graph = gm.graph
         input_ids = next(n for n in graph.nodes if n.op == "placeholder")
-        raw = [graph_input(gm, name) for name in RAW_INPUTS]
+        raw = {name: graph_input(gm, name) for name in RAW_INPUTS}
         specs: list[CacheSpec] = gm.meta.setdefault("autodeploy_caches", [])
         prepared: dict[int, list[torch.fx.Node]] = {}
         for index, node in enumerate(nodes):
@@ -74,7 +74,9 @@ class InsertCachedAttention(Transform):
             with graph.inserting_before(node):
                 if window not in prepared:
                     ring = swa_ring_pages(window, cfg.max_num_tokens, cfg.page_size) if window > 0 else 0
-                    prep = graph.call_function(PREPARE, (input_ids, *raw, cfg.page_size, window, ring))
+                    prep = graph.call_function(PREPARE, (
+                        input_ids, *(raw[n] for n in ("seq_lens", "cached_lens", "slots", "page_table")),
+                        cfg.page_size, window, ring))
                     prepared[window] = [graph.call_function(operator.getitem, (prep, i)) for i in range(5)]
                 meta = prepared[window]
                 cached = graph.call_function(

@@ -7,13 +7,18 @@ Before::
 
 After::
 
-    cu_seqlens, has_state = autodeploy.prepare_ssm_metadata(input_ids, seq_lens, cached_lens)
-    y = autodeploy.torch_cached_ssd_scan(x, dt, A, B, C, D, dt_bias, ssm_state_i, slots,
-                                         cu_seqlens, has_state, softplus, lo, hi, chunk)
-    h = autodeploy.torch_cached_causal_conv1d(xBC, w, b, act, conv_state_i, slots, cu_seqlens, has_state)
+    cu, has_state, replay_lens, is_verify = autodeploy.prepare_ssm_metadata(
+        input_ids, seq_lens, cached_lens, accepted_lens, verify)
+    y = autodeploy.torch_cached_ssd_scan(x, dt, A, B, C, D, dt_bias, ssm_state_i, replay_x_i, replay_dt_i,
+                                         replay_B_i, slots, cu, has_state, replay_lens, is_verify,
+                                         softplus, lo, hi, chunk)
+    h = autodeploy.torch_cached_causal_conv1d(xBC, w, b, act, conv_state_i, replay_conv_i, slots, cu,
+                                              has_state, replay_lens, is_verify)
 
-Each lane continues from its slot's state when it has cached tokens, so prefill chunks and decode
-tokens of different sequences share one step.
+Each lane continues from its slot's state when it has cached tokens, so prefill chunks, decodes
+and verify steps of different sequences share one step. With ``max_draft_tokens`` K > 0 every
+scan and conv also gets per-slot replay buffers for 1 + K tokens (pool "replay"); with K = 0 they
+are None and a verify lane is an error.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule
 
-from autodeploy.cache_spec import RAW_INPUTS, CacheSpec
+from autodeploy.cache_spec import POOL_REPLAY, RAW_INPUTS, CacheSpec
 from autodeploy.fx_utils import graph_input, op_kwargs, op_nodes
 from autodeploy.transforms.base import Transform, TransformConfig, TransformInfo
 
@@ -38,6 +43,7 @@ CACHED_CONV = {"torch": torch.ops.autodeploy.torch_cached_causal_conv1d.default}
 @dataclass
 class InsertCachedSSMConfig(TransformConfig):
     backend: str = "torch"
+    max_draft_tokens: int = 0  # K: draft tokens a verify step may carry (0: no speculation)
 
 
 class InsertCachedSSM(Transform):
@@ -48,6 +54,9 @@ class InsertCachedSSM(Transform):
         backend = self.config.backend
         if backend not in CACHED_SCAN:
             raise ValueError(f"{self.name}: unknown backend {backend!r}; known: {sorted(CACHED_SCAN)}")
+        k = self.config.max_draft_tokens
+        if not isinstance(k, int) or k < 0:
+            raise ValueError(f"{self.name}: max_draft_tokens must be an int >= 0, got {k!r}")
         scans, convs = op_nodes(gm, SSD_SCAN), op_nodes(gm, CONV)
         if not scans and not convs:
             return
@@ -55,24 +64,35 @@ class InsertCachedSSM(Transform):
         input_ids = next(n for n in graph.nodes if n.op == "placeholder")
         raw = {name: graph_input(gm, name) for name in RAW_INPUTS}
         specs: list[CacheSpec] = gm.meta.setdefault("autodeploy_caches", [])
+
+        def cache(name: str, pool: str, shape: tuple[int, ...], dtype: torch.dtype):
+            specs.append(CacheSpec(name, "state", pool, shape, dtype))
+            return graph_input(gm, name)
+
+        def replay(name: str, shape: tuple[int, ...], dtype: torch.dtype):
+            return cache(name, POOL_REPLAY, (k + 1, *shape), dtype) if k else None
+
         first = min(scans + convs, key=lambda n: list(graph.nodes).index(n))
         with graph.inserting_before(first):
-            prep = graph.call_function(PREPARE, (input_ids, raw["seq_lens"], raw["cached_lens"]))
-            cu = graph.call_function(operator.getitem, (prep, 0))
-            has_state = graph.call_function(operator.getitem, (prep, 1))
+            prep = graph.call_function(PREPARE, (input_ids, raw["seq_lens"], raw["cached_lens"],
+                                                 raw["accepted_lens"], raw["verify"]))
+            cu, has_state, replay_lens, is_verify = (graph.call_function(operator.getitem, (prep, i))
+                                                     for i in range(4))
+        lanes = (raw["slots"], cu, has_state, replay_lens, is_verify)
         for index, node in enumerate(scans):
             kw = op_kwargs(node)
             if kw["initial_state"] is not None:
                 raise ValueError(f"{self.name}: {node.name} already has an initial state; cannot cache it")
-            x_val, b_val = kw["x"].meta["val"], kw["B"].meta["val"]
-            name = f"ssm_state_{index}"
-            specs.append(CacheSpec(name, "state", "ssm", (x_val.shape[2], x_val.shape[3], b_val.shape[3]),
-                                   torch.float32))
-            state = graph_input(gm, name)
+            x_val, dt_val, b_val = (kw[a].meta["val"] for a in ("x", "dt", "B"))
+            _, _, h, p = x_val.shape
+            g, n = b_val.shape[2:]
+            state = cache(f"ssm_state_{index}", "ssm", (h, p, n), torch.float32)
+            buffers = (replay(f"replay_x_{index}", (h, p), x_val.dtype), replay(f"replay_dt_{index}", (h,), dt_val.dtype),
+                       replay(f"replay_B_{index}", (g, n), b_val.dtype))
             with graph.inserting_before(node):
                 cached = graph.call_function(CACHED_SCAN[backend], (
-                    kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], kw["D"], kw["dt_bias"], state, raw["slots"],
-                    cu, has_state, kw["dt_softplus"], kw["dt_min"], kw["dt_max"], kw["chunk_size"]))
+                    kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], kw["D"], kw["dt_bias"], state, *buffers, *lanes,
+                    kw["dt_softplus"], kw["dt_min"], kw["dt_max"], kw["chunk_size"]))
             cached.meta["val"] = node.meta["val"][0]
             for user in list(node.users):
                 if user.target is not operator.getitem:
@@ -87,12 +107,12 @@ class InsertCachedSSM(Transform):
         for index, node in enumerate(convs):
             kw = op_kwargs(node)
             weight = kw["weight"].meta["val"]
-            name = f"conv_state_{index}"
-            specs.append(CacheSpec(name, "state", "conv", (weight.shape[0], weight.shape[1] - 1), weight.dtype))
-            state = graph_input(gm, name)
+            c, width = weight.shape
+            state = cache(f"conv_state_{index}", "conv", (c, width - 1), weight.dtype)
+            buffer = replay(f"replay_conv_{index}", (c,), weight.dtype)
             with graph.inserting_before(node):
                 cached = graph.call_function(CACHED_CONV[backend], (
-                    kw["x"], kw["weight"], kw["bias"], kw["activation"], state, raw["slots"], cu, has_state))
+                    kw["x"], kw["weight"], kw["bias"], kw["activation"], state, buffer, *lanes))
             cached.meta["val"] = node.meta.get("val")
             node.replace_all_uses_with(cached)
             graph.erase_node(node)

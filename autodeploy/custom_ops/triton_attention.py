@@ -1,0 +1,173 @@
+"""Cached attention, Triton backend: ``autodeploy::triton_cached_attention``.
+
+Same signature and semantics as ``autodeploy::torch_cached_attention`` (the oracle), but one kernel
+launch attends every lane of the step at once, decode and prefill mixed, instead of a host loop.
+Each program takes a block of one lane's queries times the query heads that share one KV head
+(GQA/MQA), gathers that lane's keys through ``page_list`` and runs an online softmax in float32
+with the causal mask, sliding window, soft-cap and sinks. The grid and the block -> lane map come
+from tensor shapes and torch ops only, so the op never syncs with the host (CUDA-graph safe).
+
+Needs a GPU to launch, or ``TRITON_INTERPRET=1`` set before this module is imported (CPU tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+__all__ = ["triton_cached_attention"]
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, out_ptr, k_cache_ptr, v_cache_ptr, sinks_ptr,
+    block_lane_ptr, block_first_ptr, cu_seqlens_ptr, kv_start_ptr, kv_len_ptr, page_list_ptr,
+    stride_qt, stride_qh, stride_qd,
+    stride_ot, stride_oh, stride_od,
+    stride_cp, stride_co, stride_ch, stride_cd,
+    stride_pl, stride_pp,
+    scale, sliding_window, soft_cap,
+    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SOFT_CAP: tl.constexpr, HAS_SINKS: tl.constexpr, DOTS_IN_FP32: tl.constexpr,
+):
+    # Tile rows are (query token, head of the GQA group) pairs: row r = token r // BLOCK_G of this
+    # block, query head kv_head * GROUP + r % BLOCK_G. Padded rows/columns are masked everywhere.
+    BLOCK_M: tl.constexpr = BLOCK_Q * BLOCK_G
+    kv_head = tl.program_id(1)
+    lane = tl.load(block_lane_ptr + tl.program_id(0))
+    q_first = tl.load(block_first_ptr + tl.program_id(0))  # first token of this query block
+    lane_first, lane_end = tl.load(cu_seqlens_ptr + lane), tl.load(cu_seqlens_ptr + lane + 1)
+    kv_start, kv_len = tl.load(kv_start_ptr + lane), tl.load(kv_len_ptr + lane)
+
+    rows = tl.arange(0, BLOCK_M)
+    token = q_first + rows // BLOCK_G
+    head = kv_head * GROUP + rows % BLOCK_G
+    row_ok = (token < lane_end) & (rows % BLOCK_G < GROUP)
+    pos = kv_len - (lane_end - lane_first) + (token - lane_first)  # absolute position per row
+    lo_row = kv_start + tl.zeros_like(pos)  # first key each row may see
+    if sliding_window > 0:
+        lo_row = tl.maximum(lo_row, pos - sliding_window + 1)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+
+    q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :] * stride_qd,
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    if DOTS_IN_FP32:
+        q = q.to(tl.float32)  # K, V and P follow q's dtype into the dots
+
+    # The sink is one extra logit with a zero value vector: start the running softmax from it.
+    if HAS_SINKS:
+        m_i = tl.load(sinks_ptr + head, mask=row_ok, other=0.0).to(tl.float32)
+        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: fully masked rows stay NaN-free
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # Key range of the whole block: from the lowest row's window start to the last valid row.
+    n_valid = tl.minimum(lane_end - q_first, BLOCK_Q)
+    key_lo = tl.min(tl.where(row_ok, lo_row, kv_len), axis=0)
+    key_hi = tl.where(n_valid > 0, kv_len - (lane_end - q_first) + n_valid, key_lo)
+    first_page = kv_start // PAGE_SIZE
+    for block_start in range(key_lo, key_hi, BLOCK_N):
+        keys = block_start + tl.arange(0, BLOCK_N)
+        key_ok = keys < key_hi
+        logical_page = keys // PAGE_SIZE - first_page  # column of page_list
+        page = tl.load(page_list_ptr + lane * stride_pl + logical_page * stride_pp, mask=key_ok, other=0)
+        row_in_cache = page * stride_cp + (keys % PAGE_SIZE) * stride_co + kv_head * stride_ch
+        kv_offsets = row_in_cache[:, None] + dims[None, :] * stride_cd
+        kv_mask = key_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)
+
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        if HAS_SOFT_CAP:
+            s = (2.0 * tl.sigmoid(2.0 * s / soft_cap) - 1.0) * soft_cap  # tanh(s / c) * c
+        allowed = (keys[None, :] >= lo_row[:, None]) & (keys[None, :] <= pos[:, None]) & row_ok[:, None]
+        s = tl.where(allowed & key_ok[None, :], s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :] * stride_od,
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+
+
+# Triton's interpreter (3.9) multiplies bfloat16 tl.dot operands as their raw uint16 bits, so under
+# TRITON_INTERPRET the kernel runs its dots in float32 for bf16 inputs; compiled kernels use bf16.
+_INTERPRETED = not isinstance(_paged_attention_kernel, JITFunction)
+
+
+@torch.library.custom_op("autodeploy::triton_cached_attention", mutates_args=("k_cache", "v_cache"))
+def triton_cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    write_idx: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_len: torch.Tensor,
+    page_list: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scale: float,
+    sliding_window: int,
+    soft_cap: float,
+    sinks: torch.Tensor | None,
+) -> torch.Tensor:
+    """q: [1, T, hq, d]; k, v: [1, T, hkv, d]; k_cache, v_cache: [pages, page_size, hkv, d].
+
+    Returns [1, T, hq, d]. Metadata shapes: see ``prepare_attention_metadata``.
+    """
+    page_size, hkv, d = k_cache.shape[1:]
+    k_cache.view(-1, hkv, d).index_copy_(0, write_idx, k[0].to(k_cache.dtype))
+    v_cache.view(-1, hkv, d).index_copy_(0, write_idx, v[0].to(v_cache.dtype))
+    num_tokens, hq = q.shape[1], q.shape[2]
+    out = torch.empty_like(q)
+    if num_tokens == 0:
+        return out
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    group = hq // hkv
+    block_g = triton.next_power_of_2(group)
+    # Tile rows = BLOCK_Q tokens x BLOCK_G heads; at least 16 rows for tl.dot. Small tiles when the
+    # step is (mostly) decode, larger ones when lanes carry many tokens: a shape-only heuristic.
+    rows = 16 if num_tokens <= page_list.shape[0] else 64
+    block_q = max(1, rows // block_g)
+
+    # Query blocks never straddle lanes: lane b owns ceil(n_b / BLOCK_Q) blocks, and all lanes
+    # together own at most T // BLOCK_Q + B, the (shape-only) grid size. Extra blocks get 0 rows.
+    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    blocks_end = torch.cumsum((lens + block_q - 1) // block_q, 0)
+    grid_blocks = num_tokens // block_q + lens.shape[0]
+    block_ids = torch.arange(grid_blocks, device=q.device)
+    block_lane = torch.searchsorted(blocks_end, block_ids, right=True).clamp_max(lens.shape[0] - 1)
+    block_in_lane = block_ids - (blocks_end[block_lane] - (lens[block_lane] + block_q - 1) // block_q)
+    block_first = torch.minimum(cu_seqlens[block_lane] + block_in_lane * block_q, cu_seqlens[block_lane + 1])
+
+    _paged_attention_kernel[(grid_blocks, hkv)](
+        q[0], out[0], k_cache, v_cache, sinks if sinks is not None else q,
+        block_lane, block_first, cu_seqlens, kv_start, kv_len, page_list,
+        *q[0].stride(), *out[0].stride(), *k_cache.stride(), *page_list.stride(),
+        scale, sliding_window, soft_cap,
+        HEAD_DIM=d, PAGE_SIZE=page_size, GROUP=group, BLOCK_G=block_g, BLOCK_Q=block_q,
+        BLOCK_N=max(16, min(64, triton.next_power_of_2(page_size))),
+        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        HAS_SOFT_CAP=soft_cap > 0, HAS_SINKS=sinks is not None,
+        DOTS_IN_FP32=_INTERPRETED and q.dtype == torch.bfloat16,
+    )
+    return out
+
+
+@triton_cached_attention.register_fake
+def _(q, k, v, k_cache, v_cache, write_idx, kv_start, kv_len, page_list, cu_seqlens, scale,
+      sliding_window, soft_cap, sinks):
+    return torch.empty_like(q)

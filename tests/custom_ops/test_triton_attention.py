@@ -1,0 +1,131 @@
+"""autodeploy::triton_cached_attention against the torch backend (the oracle) on identical inputs.
+
+Without CUDA the kernel runs in Triton's interpreter, which must be switched on before the op module
+is imported. Sizes are tiny: the interpreter executes every program in numpy.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from autodeploy.custom_ops.prepare_metadata import swa_ring_pages  # noqa: E402
+from autodeploy.custom_ops.triton_attention import triton_cached_attention  # noqa: E402, F401
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON = torch.ops.autodeploy.triton_cached_attention.default
+TORCH = torch.ops.autodeploy.torch_cached_attention.default
+PREPARE = torch.ops.autodeploy.prepare_attention_metadata.default
+HEAD_DIM = 16
+
+
+def make_step(seq_lens, cached_lens, slots, page_size, hq, hkv, window=0, dtype=torch.float32, seed=0):
+    """Random step (q, k, v), random pools and the prepare op's metadata for it.
+
+    window = 0: full-attention pool, each lane's page table is a shuffled set of physical pages
+    (page 0 is the null page, used by padded lanes). window > 0: the sliding-window ring pool.
+    """
+    g = torch.Generator().manual_seed(seed)
+    seq_lens, cached_lens = torch.tensor(seq_lens, dtype=torch.int32), torch.tensor(cached_lens, dtype=torch.int32)
+    slots = torch.tensor(slots, dtype=torch.int32)
+    total = seq_lens + cached_lens
+    max_pages = int(-(-total.max() // page_size))
+    table = torch.zeros(len(seq_lens), max_pages, dtype=torch.int32)
+    if window > 0:
+        ring = swa_ring_pages(window, int(seq_lens.sum()), page_size)
+        num_pages = (int(slots.max()) + 1) * ring
+    else:
+        ring = 0
+        need = [int(-(-n // page_size)) for n in total.tolist()]
+        physical = (torch.randperm(sum(need), generator=g) + 1).int()  # shuffled, never page 0
+        for lane, first in enumerate(torch.tensor([0] + need).cumsum(0)[:-1].tolist()):
+            table[lane, : need[lane]] = physical[first: first + need[lane]]
+        num_pages = sum(need) + 1
+    T = int(seq_lens.sum())
+    ids = torch.zeros(1, T, dtype=torch.long)
+    meta = PREPARE(ids, seq_lens, cached_lens, slots, table, page_size, window, ring)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
+
+    q, k, v = rand(1, T, hq, HEAD_DIM), rand(1, T, hkv, HEAD_DIM), rand(1, T, hkv, HEAD_DIM)
+    k_cache, v_cache = rand(num_pages, page_size, hkv, HEAD_DIM), rand(num_pages, page_size, hkv, HEAD_DIM)
+    return q, k, v, k_cache, v_cache, [m.to(DEVICE) for m in meta]
+
+
+def check_against_torch(step, scale=0.25, window=0, soft_cap=0.0, sinks=None, atol=1e-5, rtol=1e-5):
+    q, k, v, k_cache, v_cache, meta = step
+    args = (scale, window, soft_cap, sinks)
+    kc_t, vc_t = k_cache.clone(), v_cache.clone()
+    expected = TORCH(q, k, v, kc_t, vc_t, *meta, *args)
+    out = TRITON(q, k, v, k_cache, v_cache, *meta, *args)
+    assert torch.equal(k_cache, kc_t) and torch.equal(v_cache, vc_t)  # identical writes
+    torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
+    return out
+
+
+# Lanes: decode, extend, padded (0 tokens, slot 0, null page), decode, prefill longer than one
+# query block (so several programs split one lane), extend.
+MIXED = dict(seq_lens=[1, 5, 0, 1, 37, 3], cached_lens=[9, 6, 0, 20, 0, 13], slots=[1, 2, 0, 3, 4, 5])
+
+
+@pytest.mark.parametrize("page_size", [4, 8])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (4, 1)])
+def test_mixed_batch_shuffled_pages(page_size, hq, hkv):
+    check_against_torch(make_step(**MIXED, page_size=page_size, hq=hq, hkv=hkv, seed=page_size + hkv))
+
+
+@pytest.mark.parametrize("page_size", [4, 8])
+def test_decode_only_batch(page_size):
+    # T <= lanes picks the small tile; lane 2 is padded
+    step = make_step([1, 1, 0, 1], [30, 1, 0, 7], [1, 2, 0, 3], page_size, hq=4, hkv=2, seed=3)
+    check_against_torch(step)
+
+
+@pytest.mark.parametrize("page_size", [4, 8])
+@pytest.mark.parametrize("window", [3, 8])
+def test_sliding_window_ring_wraps(page_size, window):
+    # cached lengths well past the window: the ring has wrapped, kv_start > 0
+    step = make_step([1, 6, 0, 4], [23, 40, 0, 11], [2, 1, 0, 3], page_size, hq=4, hkv=2, window=window,
+                     seed=window)
+    assert step[-1][1].max() > 0
+    check_against_torch(step, window=window)
+
+
+def test_sliding_window_over_full_pool():
+    # a window on the full-attention layout: kv_start = 0, the window is applied per query
+    step = make_step(**MIXED, page_size=4, hq=4, hkv=2, seed=5)
+    check_against_torch(step, window=5)
+
+
+@pytest.mark.parametrize("window", [0, 6])
+def test_soft_cap_and_sinks(window):
+    step = make_step([1, 7, 0, 2], [12, 25, 0, 3], [1, 2, 0, 3], 4, hq=4, hkv=2, window=window, seed=7)
+    sinks = (torch.randn(4, generator=torch.Generator().manual_seed(1)) * 2).to(DEVICE)
+    check_against_torch(step, scale=0.9, window=window, soft_cap=2.5)
+    out = check_against_torch(step, window=window, sinks=sinks)
+    assert not torch.allclose(out, check_against_torch(step, window=window))  # sinks do change it
+    check_against_torch(step, scale=0.9, window=window, soft_cap=2.5, sinks=sinks)
+
+
+@pytest.mark.parametrize("page_size", [4, 8])
+def test_bfloat16(page_size):
+    # both backends accumulate in float32; the kernel rounds probabilities to bf16 before P @ V and
+    # both round the output to bf16, so compare at bf16 resolution
+    step = make_step(**MIXED, page_size=page_size, hq=4, hkv=2, dtype=torch.bfloat16, seed=11)
+    sinks = torch.randn(4, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    check_against_torch(step, soft_cap=3.0, sinks=sinks, atol=2e-2, rtol=2e-2)
+    ring = make_step([1, 6, 0], [23, 40, 0], [2, 1, 0], page_size, hq=4, hkv=2, window=5,
+                     dtype=torch.bfloat16, seed=12)
+    check_against_torch(ring, window=5, atol=2e-2, rtol=2e-2)
+
+
+def test_empty_step_and_opcheck():
+    step = make_step([0, 0], [0, 0], [0, 0], 4, hq=4, hkv=2)
+    assert check_against_torch(step).shape == (1, 0, 4, HEAD_DIM)
+    q, k, v, k_cache, v_cache, meta = make_step([1, 3], [5, 0], [1, 2], 4, hq=4, hkv=2, seed=4)
+    torch.library.opcheck(TRITON, (q, k, v, k_cache, v_cache, *meta, 0.25, 0, 0.0, None))
