@@ -1,6 +1,6 @@
 """autodeploy: turn a PyTorch causal LM into a fast cached inference engine, without rewriting it."""
 
-from autodeploy import custom_ops  # noqa: F401  (registers the autodeploy:: ops)
+from autodeploy import backends, custom_ops  # noqa: F401  (custom_ops registers the autodeploy:: ops)
 from autodeploy.api import LLM, CompletionOutput, DeployConfig, RequestOutput
 from autodeploy.export import ExportError, export_model
 from autodeploy.runtime.sampling import SamplingParams

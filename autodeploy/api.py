@@ -17,6 +17,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from autodeploy import backends
 from autodeploy.export import export_model
 from autodeploy.runtime.engine import Engine
 from autodeploy.runtime.pools import PoolSizes, full_pages_within
@@ -41,7 +42,8 @@ class DeployConfig:
     (per-slot SSM/conv state, sliding-window rings) are paid first, the rest becomes full-attention
     pages.
     dtype: "float32" | "bfloat16" | "float16". device: "cpu" | "cuda". attn_backend, ssm_backend:
-    cached-op backends ("torch" today). compile_mode: "eager".
+    cached-op backends, "torch" | "triton" | "auto" (the fastest available on the device; see
+    autodeploy.backends). compile_mode: "eager".
     speculative_config: speculative decoding, vLLM's keys: {"method": "ngram", "num_speculative_tokens":
     K, "prompt_lookup_max": 4, "prompt_lookup_min": 1} or {"method": "draft_model", "model": <model
     instance or checkpoint directory>, "num_speculative_tokens": K}. None: off.
@@ -55,8 +57,8 @@ class DeployConfig:
     max_cache_bytes: int | None = None
     dtype: str = "float32"
     device: str = "cpu"
-    attn_backend: str = "torch"
-    ssm_backend: str = "torch"
+    attn_backend: str = "auto"
+    ssm_backend: str = "auto"
     compile_mode: str = "eager"
     speculative_config: dict | None = None
 
@@ -156,14 +158,25 @@ def _load(model: nn.Module | str | os.PathLike, dtype: torch.dtype):
     return loaded, tokenizer
 
 
+def _backends(cfg: DeployConfig) -> dict[str, str]:
+    """The attention and SSM backends to use (``"auto"`` resolved for the device)."""
+    attn = backends.resolve("attention", cfg.attn_backend, cfg.device)
+    ssm = backends.resolve("ssd_scan", cfg.ssm_backend, cfg.device)
+    if backends.resolve("causal_conv1d", ssm, cfg.device) != ssm:
+        raise ValueError(f"no {ssm!r} backend for causal_conv1d")
+    return {"attention": attn, "ssm": ssm}
+
+
 def _cached_graph(model: nn.Module, cfg: DeployConfig):
     """Export ``model`` and run the cached pipeline: (graph, transform infos)."""
+    chosen = _backends(cfg)
     gm = export_model(model, max_seq_len=cfg.max_seq_len)
     infos = run_pipeline(gm, CACHED_PIPELINE, {
         "insert_cached_attention": {"page_size": cfg.page_size, "max_num_tokens": cfg.max_num_tokens,
-                                    "backend": cfg.attn_backend},
-        "insert_cached_ssm": {"backend": cfg.ssm_backend, "max_draft_tokens": cfg.num_speculative_tokens},
+                                    "backend": chosen["attention"]},
+        "insert_cached_ssm": {"backend": chosen["ssm"], "max_draft_tokens": cfg.num_speculative_tokens},
     })
+    gm.meta["autodeploy_backends"] = chosen
     return gm, infos
 
 
@@ -203,6 +216,7 @@ class LLM:
         self.build_seconds = time.perf_counter() - start
         self.engine = Engine(self.gm, sizes, vocab, _eos_token_ids(self.model), cfg.device, self.drafter)
         self.spec_stats = SpecDecodingStats() if self.drafter is not None else None
+        logger.info("backends: %s", self.gm.meta["autodeploy_backends"])
         logger.info("cache pools: %s; %d full-attention pages of %d tokens", {
             pool: f"{b / 2**20:.1f} MiB" for pool, b in self.cache_bytes().items()}, sizes.num_full_pages, cfg.page_size)
 

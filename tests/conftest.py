@@ -1,9 +1,13 @@
 import logging
+import os
 
 import pytest
 import torch
 
-import autodeploy  # noqa: F401
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on the CPU (before triton is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import autodeploy  # noqa: E402,F401
 
 torch.set_num_threads(2)
 

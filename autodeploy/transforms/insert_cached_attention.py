@@ -8,7 +8,7 @@ After (one prepare node per pool, shared by the layers that use it)::
 
     meta = autodeploy.prepare_attention_metadata(input_ids, seq_lens, cached_lens, slots,
                                                  page_table, page_size, W, ring_pages(W))
-    out = autodeploy.torch_cached_attention(q, k, v, k_cache_i, v_cache_i, *meta, scale, W, cap, sinks)
+    out = autodeploy.<backend>_cached_attention(q, k, v, k_cache_i, v_cache_i, *meta, scale, W, cap, sinks)
 
 Full-attention layers (W = 0) share the paged pool addressed by ``page_table``; sliding-window
 layers with window W use a pool of per-slot rings bounded by W and the step's token budget, not by
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule
 
+from autodeploy.backends import cached_op
 from autodeploy.cache_spec import POOL_FULL, RAW_INPUTS, CacheSpec, swa_pool
 from autodeploy.custom_ops.prepare_metadata import swa_ring_pages
 from autodeploy.fx_utils import graph_input, op_kwargs, op_nodes
@@ -31,14 +32,13 @@ from autodeploy.transforms.base import Transform, TransformConfig, TransformInfo
 
 ATTENTION = torch.ops.autodeploy.attention.default
 PREPARE = torch.ops.autodeploy.prepare_attention_metadata.default
-CACHED = {"torch": torch.ops.autodeploy.torch_cached_attention.default}
 
 
 @dataclass
 class InsertCachedAttentionConfig(TransformConfig):
     page_size: int = 16
     max_num_tokens: int = 256  # token budget per step: bounds the sliding-window rings
-    backend: str = "torch"
+    backend: str = "torch"  # see autodeploy.backends
 
 
 class InsertCachedAttention(Transform):
@@ -48,8 +48,7 @@ class InsertCachedAttention(Transform):
 
     def apply(self, gm: GraphModule, info: TransformInfo) -> None:
         cfg = self.config
-        if cfg.backend not in CACHED:
-            raise ValueError(f"{self.name}: unknown backend {cfg.backend!r}; known: {sorted(CACHED)}")
+        cached_attention = cached_op("attention", cfg.backend)
         if cfg.page_size <= 0 or cfg.max_num_tokens <= 0:
             raise ValueError(f"{self.name}: page_size and max_num_tokens must be positive, got {cfg}")
         nodes = op_nodes(gm, ATTENTION)
@@ -80,7 +79,7 @@ class InsertCachedAttention(Transform):
                     prepared[window] = [graph.call_function(operator.getitem, (prep, i)) for i in range(5)]
                 meta = prepared[window]
                 cached = graph.call_function(
-                    CACHED[cfg.backend],
+                    cached_attention,
                     (kw["q"], kw["k"], kw["v"], *caches, *meta, kw["scale"], window, kw["soft_cap"], kw["sinks"]),
                 )
             cached.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack")})

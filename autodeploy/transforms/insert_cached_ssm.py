@@ -9,10 +9,10 @@ After::
 
     cu, has_state, replay_lens, is_verify = autodeploy.prepare_ssm_metadata(
         input_ids, seq_lens, cached_lens, accepted_lens, verify)
-    y = autodeploy.torch_cached_ssd_scan(x, dt, A, B, C, D, dt_bias, ssm_state_i, replay_x_i, replay_dt_i,
+    y = autodeploy.<backend>_cached_ssd_scan(x, dt, A, B, C, D, dt_bias, ssm_state_i, replay_x_i, replay_dt_i,
                                          replay_B_i, slots, cu, has_state, replay_lens, is_verify,
                                          softplus, lo, hi, chunk)
-    h = autodeploy.torch_cached_causal_conv1d(xBC, w, b, act, conv_state_i, replay_conv_i, slots, cu,
+    h = autodeploy.<backend>_cached_causal_conv1d(xBC, w, b, act, conv_state_i, replay_conv_i, slots, cu,
                                               has_state, replay_lens, is_verify)
 
 Each lane continues from its slot's state when it has cached tokens, so prefill chunks, decodes
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule
 
+from autodeploy.backends import cached_op
 from autodeploy.cache_spec import POOL_REPLAY, RAW_INPUTS, CacheSpec
 from autodeploy.fx_utils import graph_input, op_kwargs, op_nodes
 from autodeploy.transforms.base import Transform, TransformConfig, TransformInfo
@@ -36,13 +37,11 @@ from autodeploy.transforms.base import Transform, TransformConfig, TransformInfo
 SSD_SCAN = torch.ops.autodeploy.ssd_scan.default
 CONV = torch.ops.autodeploy.causal_conv1d.default
 PREPARE = torch.ops.autodeploy.prepare_ssm_metadata.default
-CACHED_SCAN = {"torch": torch.ops.autodeploy.torch_cached_ssd_scan.default}
-CACHED_CONV = {"torch": torch.ops.autodeploy.torch_cached_causal_conv1d.default}
 
 
 @dataclass
 class InsertCachedSSMConfig(TransformConfig):
-    backend: str = "torch"
+    backend: str = "torch"  # for the scan and the conv; see autodeploy.backends
     max_draft_tokens: int = 0  # K: draft tokens a verify step may carry (0: no speculation)
 
 
@@ -52,14 +51,13 @@ class InsertCachedSSM(Transform):
 
     def apply(self, gm: GraphModule, info: TransformInfo) -> None:
         backend = self.config.backend
-        if backend not in CACHED_SCAN:
-            raise ValueError(f"{self.name}: unknown backend {backend!r}; known: {sorted(CACHED_SCAN)}")
         k = self.config.max_draft_tokens
         if not isinstance(k, int) or k < 0:
             raise ValueError(f"{self.name}: max_draft_tokens must be an int >= 0, got {k!r}")
         scans, convs = op_nodes(gm, SSD_SCAN), op_nodes(gm, CONV)
         if not scans and not convs:
             return
+        cached_scan, cached_conv = cached_op("ssd_scan", backend), cached_op("causal_conv1d", backend)
         graph = gm.graph
         input_ids = next(n for n in graph.nodes if n.op == "placeholder")
         raw = {name: graph_input(gm, name) for name in RAW_INPUTS}
@@ -90,7 +88,7 @@ class InsertCachedSSM(Transform):
             buffers = (replay(f"replay_x_{index}", (h, p), x_val.dtype), replay(f"replay_dt_{index}", (h,), dt_val.dtype),
                        replay(f"replay_B_{index}", (g, n), b_val.dtype))
             with graph.inserting_before(node):
-                cached = graph.call_function(CACHED_SCAN[backend], (
+                cached = graph.call_function(cached_scan, (
                     kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], kw["D"], kw["dt_bias"], state, *buffers, *lanes,
                     kw["dt_softplus"], kw["dt_min"], kw["dt_max"], kw["chunk_size"]))
             cached.meta["val"] = node.meta["val"][0]
@@ -111,7 +109,7 @@ class InsertCachedSSM(Transform):
             state = cache(f"conv_state_{index}", "conv", (c, width - 1), weight.dtype)
             buffer = replay(f"replay_conv_{index}", (c,), weight.dtype)
             with graph.inserting_before(node):
-                cached = graph.call_function(CACHED_CONV[backend], (
+                cached = graph.call_function(cached_conv, (
                     kw["x"], kw["weight"], kw["bias"], kw["activation"], state, buffer, *lanes))
             cached.meta["val"] = node.meta.get("val")
             node.replace_all_uses_with(cached)

@@ -38,7 +38,8 @@ def test_generate_matches_uncached_forward():
 
 
 def test_sliding_layer_needs_a_window():
-    config = HybridConfig(layers_block_type=["sliding_attention", "mlp"], sliding_window=None)
+    config = HybridConfig(layers_block_type=["sliding_attention", "mlp"], sliding_window=None, vocab_size=16,
+                          hidden_size=16, num_attention_heads=2, num_key_value_heads=1, head_dim=8)
     with pytest.raises(ValueError, match="sliding_window >= 1"):
         config.validate_layer_type()
     with pytest.raises(ValueError, match="layer 0 is 'sliding_attention' but sliding_window is None"):

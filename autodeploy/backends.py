@@ -1,0 +1,81 @@
+"""Which cached op implements each op family on each backend, and which backend to use.
+
+Backends are chosen per op family (``attention``, ``ssd_scan``, ``causal_conv1d``). ``"auto"``
+picks the fastest one that is available on the device: flashinfer > triton > torch on a GPU,
+torch on the CPU (the torch backend is the oracle and runs everywhere; Triton runs on the CPU
+only when asked for, under ``TRITON_INTERPRET=1``, for tests). A backend module is imported only when chosen, so a
+CPU user never imports Triton. Requesting a backend that cannot run is an error that says why.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import torch
+
+# family -> backend -> (module that registers the op, op name in the autodeploy namespace)
+CACHED_OPS: dict[str, dict[str, tuple[str, str]]] = {
+    "attention": {
+        "torch": ("autodeploy.custom_ops.torch_cached_attention", "torch_cached_attention"),
+        "triton": ("autodeploy.custom_ops.triton_attention", "triton_cached_attention"),
+    },
+    "ssd_scan": {
+        "torch": ("autodeploy.custom_ops.torch_cached_ssm", "torch_cached_ssd_scan"),
+        "triton": ("autodeploy.custom_ops.triton_ssd_scan", "triton_cached_ssd_scan"),
+    },
+    "causal_conv1d": {
+        "torch": ("autodeploy.custom_ops.torch_cached_ssm", "torch_cached_causal_conv1d"),
+        "triton": ("autodeploy.custom_ops.triton_causal_conv1d", "triton_cached_causal_conv1d"),
+    },
+}
+PREFERENCE = ("flashinfer", "triton", "torch")
+
+
+def unavailable_reason(backend: str, device: str) -> str | None:
+    """Why ``backend`` cannot run on ``device``, or None if it can."""
+    on_cuda = str(device).startswith("cuda")
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            return f"Triton kernels need a CUDA device (device is {device!r}; TRITON_INTERPRET=1 runs them on the CPU, slowly)"
+        if on_cuda and not torch.cuda.is_available():
+            return "no CUDA device is visible"
+        return None
+    if backend == "flashinfer":
+        if importlib.util.find_spec("flashinfer") is None:
+            return "flashinfer is not installed (pip install flashinfer-python)"
+        if not on_cuda:
+            return f"flashinfer needs a CUDA device (device is {device!r})"
+        return None
+    return f"unknown backend {backend!r}; known: {list(PREFERENCE)} or 'auto'"
+
+
+def resolve(family: str, requested: str, device: str) -> str:
+    """The backend to use for ``family``: ``requested`` if it can run, the best available one for
+    ``"auto"``; ValueError naming the reason otherwise."""
+    known = CACHED_OPS[family]
+    if requested == "auto":  # the interpreter is for tests: on the CPU, auto means torch
+        on_cuda = str(device).startswith("cuda")
+        return next(b for b in PREFERENCE if b in known and unavailable_reason(b, device) is None
+                    and (on_cuda or b == "torch"))
+    if requested not in known:
+        raise ValueError(f"no {requested!r} backend for {family}; known: {sorted(known)} or 'auto'")
+    reason = unavailable_reason(requested, device)
+    if reason:
+        raise ValueError(f"{family} backend {requested!r} is unavailable: {reason}")
+    return requested
+
+
+def cached_op(family: str, backend: str) -> torch._ops.OpOverload:
+    """The cached op of ``family`` on ``backend`` (importing its module registers it)."""
+    try:
+        module, name = CACHED_OPS[family][backend]
+    except KeyError:
+        raise ValueError(f"no {backend!r} backend for {family}; known: {sorted(CACHED_OPS[family])}") from None
+    importlib.import_module(module)
+    return getattr(torch.ops.autodeploy, name).default

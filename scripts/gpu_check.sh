@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one call: `pytest -m gpu` (backends vs the torch backend at
+# model level), the Triton op tests compiled for the GPU, and the environment they ran in.
+# Carries wheels from .whl/ (flashinfer, transformers; see ../shared/DEVICE.md) when present.
+# Usage: scripts/gpu_check.sh [extra pytest args]; the report goes to $OUT (default gpu_out/).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD:$PWD/tests"
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__)"
+  python3 -c "import flashinfer; print('flashinfer', flashinfer.__version__)" 2>&1 | tail -1
+} | tee "$OUT/env.txt"
+status=0
+python3 -m pytest -q -o log_level=WARNING -p no:cacheprovider -m gpu tests/test_gpu.py "$@" 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -25 || status=1
+python3 -m pytest -q -o log_level=WARNING -p no:cacheprovider tests/custom_ops/test_triton_attention.py \
+  tests/custom_ops/test_triton_ssd_scan.py tests/custom_ops/test_triton_causal_conv1d.py 2>&1 \
+  | tee "$OUT/pytest_triton_ops.txt" | tail -5 || status=1
+exit $status

@@ -1,0 +1,60 @@
+"""Backend selection, and whole models on the Triton backend against the torch backend."""
+
+import pytest
+import torch
+
+from autodeploy import LLM, DeployConfig, SamplingParams, backends
+from autodeploy.api import _backends
+from autodeploy.models import build_model
+
+
+def test_auto_picks_the_best_available_and_bad_requests_say_why(monkeypatch):
+    # (no model is built while TRITON_INTERPRET is unset: transformers imports triton, which reads it once)
+    assert backends.resolve("attention", "auto", "cpu") == "torch"  # never the interpreter unless asked
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert backends.resolve("attention", "auto", "cpu") == "torch"
+    with pytest.raises(ValueError, match="Triton kernels need a CUDA device"):
+        backends.resolve("attention", "triton", "cpu")
+    with pytest.raises(ValueError, match="no 'flashinfer' backend for attention|flashinfer"):
+        backends.resolve("attention", "flashinfer", "cpu")
+    with pytest.raises(ValueError, match="no 'tpu' backend for ssd_scan"):
+        backends.resolve("ssd_scan", "tpu", "cpu")
+    with pytest.raises(ValueError, match="attention backend 'triton' is unavailable"):
+        _backends(DeployConfig(attn_backend="triton"))  # what LLM(...) calls first
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backends.resolve("attention", "triton", "cpu") == "triton"
+
+
+def test_triton_attention_backend_gives_the_torch_backend_tokens():
+    """Gemma3 (sliding window 16 + full attention) with the Triton attention kernel under the
+    interpreter: greedy tokens equal the torch backend's for prompts past the window."""
+    pytest.importorskip("triton")
+    model = build_model("gemma3")
+    g = torch.Generator().manual_seed(0)
+    ps = [{"prompt_token_ids": torch.randint(0, 256, (n,), generator=g).tolist()} for n in (3, 30)]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    options = dict(max_batch_size=2, max_seq_len=64, max_num_tokens=16, page_size=8)
+    ref = LLM(model, attn_backend="torch", **options).generate(ps, params)
+    llm = LLM(model, attn_backend="triton", **options)
+    assert llm.gm.meta["autodeploy_backends"]["attention"] == "triton"
+    got = llm.generate(ps, params)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
+
+
+def test_triton_ssm_and_attention_backends_with_speculation_give_the_torch_tokens():
+    """The hybrid (Mamba2 + sliding window + full attention) entirely on Triton kernels under the
+    interpreter, with draft-model speculation (verify lanes, replay): the torch backend's tokens."""
+    pytest.importorskip("triton")
+    model = build_model("hybrid")
+    g = torch.Generator().manual_seed(1)
+    ps = [{"prompt_token_ids": torch.randint(0, 256, (n,), generator=g).tolist()} for n in (4, 29)]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    options = dict(max_batch_size=2, max_seq_len=64, max_num_tokens=16, page_size=8,
+                   speculative_config={"method": "draft_model", "model": build_model("hybrid"),
+                                       "num_speculative_tokens": 2})
+    ref = LLM(model, attn_backend="torch", ssm_backend="torch", **options).generate(ps, params)
+    llm = LLM(model, attn_backend="triton", ssm_backend="triton", **options)
+    assert llm.gm.meta["autodeploy_backends"] == {"attention": "triton", "ssm": "triton"}
+    got = llm.generate(ps, params)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
+    assert llm.spec_stats.num_accepted_tokens > 0
