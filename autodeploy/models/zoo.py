@@ -114,20 +114,41 @@ ZOO: dict[str, tuple[Callable[[], Any], str]] = {
 }
 
 
+def _bench_hybrid_06b() -> Any:
+    """The benchmark model of ../shared/DEVICE.md: NemotronH-style, 0.59 B parameters."""
+    from transformers import NemotronHConfig
+
+    return NemotronHConfig(
+        vocab_size=32000, hidden_size=2048, intermediate_size=6144, num_hidden_layers=18,
+        hybrid_override_pattern="M-M-M*-M-M-M*-M-M-", num_attention_heads=16, num_key_value_heads=4, head_dim=128,
+        mamba_num_heads=64, mamba_head_dim=64, ssm_state_size=128, n_groups=8, chunk_size=128,
+        max_position_embeddings=8192,
+    )
+
+
+# benchmark-sized models: GPU only, never in the CPU test matrix
+BENCH: dict[str, tuple[Callable[[], Any], str]] = {
+    "bench-hybrid-0.6b": (_bench_hybrid_06b, "NemotronHForCausalLM"),
+}
+
+
 def zoo_names() -> list[str]:
     return list(ZOO)
 
 
-def build_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Build zoo model ``name`` with random weights from ``seed``, in eval mode."""
-    if name not in ZOO:
-        raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}")
+def build_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Build zoo (or benchmark) model ``name`` with random weights from ``seed``, in eval mode."""
+    entries = {**ZOO, **BENCH}
+    if name not in entries:
+        raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(entries)}")
     import transformers
 
     from . import hybrid
 
-    config_fn, class_name = ZOO[name]
+    config_fn, class_name = entries[name]
     config = config_fn()
     torch.manual_seed(seed)
-    model = getattr(hybrid if hasattr(hybrid, class_name) else transformers, class_name)(config)
+    with torch.device(device):
+        model = getattr(hybrid if hasattr(hybrid, class_name) else transformers, class_name)(config)
     return model.to(dtype).eval()

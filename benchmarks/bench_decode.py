@@ -1,0 +1,112 @@
+"""End-to-end decode throughput: autodeploy vs transformers generate() vs the bandwidth floor.
+
+Same model, same GPU, one process: bench-hybrid-0.6b (../shared/DEVICE.md), bf16, random seeded
+weights, a 512-token prompt per sequence and 128 new tokens (greedy). Decode tok/s counts the
+tokens after the first one over the time after prefill. The floor is the bytes one decode step
+must read (weights, plus KV and SSM/conv state of the batch) over the measured copy bandwidth.
+
+    python benchmarks/bench_decode.py --batch 1 8 --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from autodeploy import LLM, SamplingParams
+from autodeploy.models import build_model
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(1 << 31, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 10 / (time.perf_counter() - t0)
+
+
+def ours(llm: LLM, prompts: list[list[int]], new: int) -> dict:
+    engine = llm.engine
+    params = SamplingParams(max_tokens=new, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in prompts]
+    reqs = [engine.requests[i] for i in ids]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    while any(not r.output for r in reqs):
+        engine.step()
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    steps0 = engine.num_steps
+    while engine.has_unfinished():
+        engine.step()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    for i in ids:
+        engine.requests.pop(i)
+    decoded = sum(len(r.output) - 1 for r in reqs)
+    return {"ttft_s": t1 - t0, "decode_tok_s": decoded / (t2 - t1), "decode_steps": engine.num_steps - steps0,
+            "step_ms": 1e3 * (t2 - t1) / max(engine.num_steps - steps0, 1)}
+
+
+def hf(model, prompts: list[list[int]], new: int) -> float:
+    ids = torch.tensor(prompts, device="cuda")
+    model.generate(ids, max_new_tokens=4, do_sample=False)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    torch.cuda.synchronize()
+    return len(prompts) * new / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="bench-hybrid-0.6b")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--hf", action="store_true", help="also time transformers generate()")
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    model = build_model(args.model, dtype=torch.bfloat16, device="cuda")
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bw = copy_bandwidth()
+    results = {"model": args.model, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "weights_GB": weight_bytes / 1e9, "copy_TBs": bw / 1e12, "rows": []}
+    g = torch.Generator().manual_seed(0)
+    for bs in args.batch:
+        prompts = torch.randint(0, model.config.vocab_size, (bs, args.prompt), generator=g).tolist()
+        t0 = time.perf_counter()
+        llm = LLM(model, dtype="bfloat16", device="cuda", max_batch_size=bs, page_size=16,
+                  max_seq_len=args.prompt + args.new, max_num_tokens=max(2048, bs))
+        build = time.perf_counter() - t0
+        ours(llm, [p[:32] for p in prompts], 8)  # warm-up: Triton compiles
+        row = {"batch": bs, "build_s": build, **ours(llm, prompts, args.new)}
+        state_bytes = sum(llm.cache_bytes()[p] for p in ("ssm", "conv")) * bs / (bs + 1)
+        kv_bytes = sum(b for p, b in llm.cache_bytes().items() if p.startswith("kv"))
+        kv_per_token = kv_bytes / ((llm.engine.sizes.num_full_pages + 1) * 16)
+        step_bytes = weight_bytes + state_bytes * 2 + kv_per_token * bs * (args.prompt + args.new / 2)
+        row["floor_tok_s"] = bs * bw / step_bytes
+        row["fraction_of_floor"] = row["decode_tok_s"] / row["floor_tok_s"]
+        if args.hf:
+            row["hf_tok_s"] = hf(model, prompts, min(args.new, 64))
+            row["speedup_vs_hf"] = row["decode_tok_s"] / row["hf_tok_s"]
+        print(json.dumps(row), flush=True)
+        results["rows"].append(row)
+        del llm
+        torch.cuda.empty_cache()
+    with open(os.path.join(args.out, "decode.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
