@@ -21,7 +21,7 @@ from autodeploy import backends
 from autodeploy.export import export_model
 from autodeploy.runtime.engine import Engine
 from autodeploy.runtime.pools import PoolSizes, full_pages_within
-from autodeploy.runtime.runner import GraphRunner
+from autodeploy.runtime.runner import COMPILE_MODES, GraphRunner, default_capture_sizes
 from autodeploy.runtime.sampling import SamplingParams
 from autodeploy.runtime.speculative import DraftModelDrafter, Drafter, NgramDrafter, SpecDecodingStats
 from autodeploy.transforms.pipeline import CACHED_PIPELINE, run_pipeline
@@ -43,7 +43,10 @@ class DeployConfig:
     pages.
     dtype: "float32" | "bfloat16" | "float16". device: "cpu" | "cuda". attn_backend, ssm_backend:
     cached-op backends, "torch" | "triton" | "auto" (the fastest available on the device; see
-    autodeploy.backends). compile_mode: "eager".
+    autodeploy.backends). compile_mode: "eager" | "inductor" | "cudagraph" | "inductor+cudagraph"
+    (AutoDeploy's torch-simple / torch-compile / torch-cudagraph / torch-opt are aliases).
+    cuda_graph_sizes: token counts to capture (default: powers of two up to a full decode or
+    verify step of every lane); steps with more tokens run uncaptured.
     speculative_config: speculative decoding, vLLM's keys: {"method": "ngram", "num_speculative_tokens":
     K, "prompt_lookup_max": 4, "prompt_lookup_min": 1} or {"method": "draft_model", "model": <model
     instance or checkpoint directory>, "num_speculative_tokens": K}. None: off.
@@ -60,6 +63,7 @@ class DeployConfig:
     attn_backend: str = "auto"
     ssm_backend: str = "auto"
     compile_mode: str = "eager"
+    cuda_graph_sizes: list[int] | None = None
     speculative_config: dict | None = None
 
     def __post_init__(self):
@@ -75,8 +79,14 @@ class DeployConfig:
             raise ValueError("give DeployConfig.num_pages or max_cache_bytes, not both")
         if self.dtype not in DTYPES:
             raise ValueError(f"DeployConfig.dtype {self.dtype!r} unknown; known: {sorted(DTYPES)}")
-        if self.compile_mode != "eager":
-            raise ValueError(f"DeployConfig.compile_mode {self.compile_mode!r} unknown; known: ['eager']")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"DeployConfig.compile_mode {self.compile_mode!r} unknown; known: {sorted(COMPILE_MODES)}")
+        if "cudagraph" in COMPILE_MODES[self.compile_mode]:
+            if not self.device.startswith("cuda"):
+                raise ValueError(f"compile_mode {self.compile_mode!r} captures CUDA graphs: it needs device='cuda'")
+            if "torch" in (self.attn_backend, self.ssm_backend):
+                raise ValueError("CUDA graphs need capture-safe cached ops; the torch backend syncs with the host "
+                                 "(use attn_backend/ssm_backend 'auto', 'triton' or 'flashinfer')")
         if self.speculative_config is not None:
             self.speculative_config = _check_speculative_config(self.speculative_config, self.max_num_tokens)
 
@@ -213,8 +223,9 @@ class LLM:
             sizes.num_full_pages = full_pages_within(cfg.max_cache_bytes, self.gm.meta.get("autodeploy_caches", []), sizes)
         vocab = _vocab_size(self.model, self.gm)
         self.drafter = self._drafter(sizes, vocab, dtype)
+        self.engine = Engine(self._runner(self.gm, sizes), sizes, vocab, _eos_token_ids(self.model), cfg.device,
+                             self.drafter)
         self.build_seconds = time.perf_counter() - start
-        self.engine = Engine(self.gm, sizes, vocab, _eos_token_ids(self.model), cfg.device, self.drafter)
         self.spec_stats = SpecDecodingStats() if self.drafter is not None else None
         logger.info("backends: %s", self.gm.meta["autodeploy_backends"])
         logger.info("cache pools: %s; %d full-attention pages of %d tokens", {
@@ -232,7 +243,17 @@ class LLM:
         gm, _ = _cached_graph(draft, self.config)
         if _vocab_size(draft, gm) != vocab:
             raise ValueError(f"the draft model's vocabulary ({_vocab_size(draft, gm)}) differs from the target's ({vocab})")
-        return DraftModelDrafter(GraphRunner(gm, dataclasses.replace(sizes), self.config.device), k)
+        return DraftModelDrafter(self._runner(gm, dataclasses.replace(sizes)), k)
+
+    def _runner(self, gm, sizes: PoolSizes) -> GraphRunner:
+        cfg = self.config
+        capture = cfg.cuda_graph_sizes or default_capture_sizes(
+            cfg.max_batch_size, cfg.num_speculative_tokens, cfg.max_num_tokens)
+        runner = GraphRunner(gm, sizes, cfg.device, cfg.compile_mode, capture)
+        if runner.graphs:
+            logger.info("captured %d CUDA graphs (token counts %s) in %.1f s", len(runner.graphs),
+                        sorted(runner.graphs), runner.capture_seconds)
+        return runner
 
     def cache_bytes(self) -> dict[str, int]:
         """Bytes per cache pool; a draft model's pools are prefixed "draft:"."""

@@ -50,3 +50,22 @@ def test_bfloat16_prefill_logits_near_float32_torch(name):
     fast = LLM(build_model(name), attn_backend="triton", ssm_backend="triton", dtype="bfloat16", **OPTIONS)
     got = fast.engine.runner.run([lane]).float()
     assert (got - ref).abs().max() <= 5e-2 * ref.abs().max()
+
+
+@pytest.mark.parametrize("name", ["hybrid", "nemotron_h", "gemma2", "mamba2"])
+def test_cuda_graphs_give_eager_tokens(name):
+    """Captured decode/verify graphs (padded to the next captured size) and inductor + CUDA graphs
+    give the eager engine's tokens, with and without draft-model speculation (replay in the graph)."""
+    model = build_model(name)
+    ps, params = prompts(model.config.vocab_size), SamplingParams(max_tokens=24, ignore_eos=True)
+    fast = dict(attn_backend="triton", ssm_backend="triton", **OPTIONS)
+    ref = tokens(LLM(model, **fast), ps, params)
+    graphed = LLM(model, compile_mode="cudagraph", **fast)
+    assert tokens(graphed, ps, params) == ref
+    assert graphed.engine.runner.num_replays > 0
+    spec = {"method": "draft_model", "model": build_model(name), "num_speculative_tokens": 3}
+    graphed_spec = LLM(model, compile_mode="cudagraph", speculative_config=spec, **fast)
+    assert tokens(graphed_spec, ps, params) == ref
+    assert graphed_spec.spec_stats.num_accepted_tokens > 0 and graphed_spec.engine.runner.num_replays > 0
+    if name == "hybrid":
+        assert tokens(LLM(model, compile_mode="inductor+cudagraph", **fast), ps, params) == ref

@@ -1,7 +1,10 @@
 """The raw inputs of one step: exactly what the graph receives, nothing derived.
 
 Fixed maximum sizes, zero-initialised: a lane that carries no sequence has 0 new tokens, the
-null slot and a row of null pages, so whatever the graph derives from it stays in range.
+null slot and a row of null pages, so whatever the graph derives from it stays in range. One lane
+more than ``max_batch_size`` is reserved for padding: ``fill(lanes, pad_to=T)`` gives it the tokens
+that bring the step to exactly T (a captured CUDA graph's size); it writes only the null page and
+the null slot.
 """
 
 from __future__ import annotations
@@ -28,17 +31,20 @@ class BatchInputs:
 
     def __init__(self, max_batch_size: int, max_num_tokens: int, max_pages_per_seq: int, device="cpu"):
         self.max_batch_size, self.max_num_tokens = max_batch_size, max_num_tokens
+        lanes = max_batch_size + 1  # the last one pads steps to a captured size
         self.input_ids = torch.zeros(1, max_num_tokens, dtype=torch.long, device=device)
         self.position_ids = torch.zeros(1, max_num_tokens, dtype=torch.long, device=device)
-        self.seq_lens = torch.zeros(max_batch_size, dtype=torch.int32, device=device)
-        self.cached_lens = torch.zeros(max_batch_size, dtype=torch.int32, device=device)
-        self.slots = torch.zeros(max_batch_size, dtype=torch.int32, device=device)
-        self.page_table = torch.zeros(max_batch_size, max_pages_per_seq, dtype=torch.int32, device=device)
-        self.accepted_lens = torch.zeros(max_batch_size, dtype=torch.int32, device=device)
-        self.verify = torch.zeros(max_batch_size, dtype=torch.bool, device=device)
+        self.seq_lens = torch.zeros(lanes, dtype=torch.int32, device=device)
+        self.cached_lens = torch.zeros(lanes, dtype=torch.int32, device=device)
+        self.slots = torch.zeros(lanes, dtype=torch.int32, device=device)
+        self.page_table = torch.zeros(lanes, max_pages_per_seq, dtype=torch.int32, device=device)
+        self.accepted_lens = torch.zeros(lanes, dtype=torch.int32, device=device)
+        self.verify = torch.zeros(lanes, dtype=torch.bool, device=device)
 
-    def fill(self, lanes: list[LaneInput]) -> dict[str, torch.Tensor]:
-        """Write the lanes into the buffers; returns the step's graph inputs by name (STEP_INPUTS)."""
+    def fill(self, lanes: list[LaneInput], pad_to: int | None = None) -> dict[str, torch.Tensor]:
+        """Write the lanes into the buffers; returns the step's graph inputs by name (STEP_INPUTS).
+
+        The host builds each buffer's contents once and copies it in one transfer per buffer."""
         if len(lanes) > self.max_batch_size:
             raise ValueError(f"{len(lanes)} lanes > max_batch_size {self.max_batch_size}")
         ids, pos = [], []
@@ -46,19 +52,24 @@ class BatchInputs:
             ids += lane.tokens
             pos += range(lane.cached_len, lane.cached_len + len(lane.tokens))
         T = len(ids)
-        if T > self.max_num_tokens:
-            raise ValueError(f"{T} tokens > max_num_tokens {self.max_num_tokens}")
-        self.input_ids[0, :T] = torch.tensor(ids, dtype=torch.long)
-        self.position_ids[0, :T] = torch.tensor(pos, dtype=torch.long)
-        raw = (self.seq_lens, self.cached_lens, self.slots, self.page_table, self.accepted_lens, self.verify)
-        for buf in raw:
-            buf.zero_()
+        total = T if pad_to is None else pad_to
+        if not T <= total <= self.max_num_tokens:
+            raise ValueError(f"{T} tokens (padded to {total}) > max_num_tokens {self.max_num_tokens}")
+        ids += [0] * (total - T)
+        pos += range(total - T)
+        num_lanes, width = self.page_table.shape
+        lane_facts = torch.zeros(5, num_lanes, dtype=torch.int32)
+        table = torch.zeros(num_lanes, width, dtype=torch.int32)
         for i, lane in enumerate(lanes):
-            self.seq_lens[i] = len(lane.tokens)
-            self.cached_lens[i] = lane.cached_len
-            self.slots[i] = lane.slot
-            self.accepted_lens[i] = lane.accepted
-            self.verify[i] = lane.verify
+            lane_facts[:, i] = torch.tensor([len(lane.tokens), lane.cached_len, lane.slot, lane.accepted, lane.verify])
             if lane.pages:
-                self.page_table[i, : len(lane.pages)] = torch.tensor(lane.pages, dtype=torch.int32)
-        return dict(zip(STEP_INPUTS, (self.input_ids[:, :T], self.position_ids[:, :T], *raw)))
+                table[i, : len(lane.pages)] = torch.tensor(lane.pages, dtype=torch.int32)
+        lane_facts[0, -1] = total - T  # the padding lane: null slot, null pages, from position 0
+        self.input_ids[0, :total].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
+        self.position_ids[0, :total].copy_(torch.tensor(pos, dtype=torch.long), non_blocking=True)
+        for buf, row in zip((self.seq_lens, self.cached_lens, self.slots, self.accepted_lens), lane_facts[:4]):
+            buf.copy_(row, non_blocking=True)
+        self.verify.copy_(lane_facts[4].bool(), non_blocking=True)
+        self.page_table.copy_(table, non_blocking=True)
+        raw = (self.seq_lens, self.cached_lens, self.slots, self.page_table, self.accepted_lens, self.verify)
+        return dict(zip(STEP_INPUTS, (self.input_ids[:, :total], self.position_ids[:, :total], *raw)))

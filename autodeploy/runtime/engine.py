@@ -57,11 +57,12 @@ class Request:
 class Engine:
     """Runs a cached GraphModule. ``add_request`` validates; ``step`` advances every request."""
 
-    def __init__(self, gm: GraphModule, sizes: PoolSizes, vocab_size: int, eos_token_ids: Iterable[int] = (),
-                 device: torch.device | str = "cpu", drafter: Drafter | None = None):
-        self.gm, self.sizes, self.vocab_size = gm, sizes, vocab_size
+    def __init__(self, gm: GraphModule | GraphRunner, sizes: PoolSizes, vocab_size: int,
+                 eos_token_ids: Iterable[int] = (), device: torch.device | str = "cpu", drafter: Drafter | None = None):
+        """``gm``: the cached graph (run eagerly) or a GraphRunner built with a compile mode."""
+        self.runner = gm if isinstance(gm, GraphRunner) else GraphRunner(gm, sizes, device)
+        self.gm, self.sizes, self.vocab_size = self.runner.gm, sizes, vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.runner = GraphRunner(gm, sizes, device)
         self.pools = self.runner.pools
         self.drafter = drafter
         self.waiting: deque[Request] = deque()
@@ -167,6 +168,7 @@ class Engine:
             for i, (req, n) in enumerate(lanes)
         ])
         self.num_steps += 1
+        argmax = logits.argmax(-1).tolist()  # one sync for every greedy lane of the step
         finished, offset = [], 0
         for i, (req, n) in enumerate(lanes):
             req.accepted = 0
@@ -174,7 +176,8 @@ class Engine:
                 draft = drafts[i]
                 rows = logits[offset:offset + 1 + len(draft.tokens)]
                 offset += len(rows)
-                num_accepted, bonus = accept(rows, draft, req.params, req.generator)
+                num_accepted, bonus = accept(rows, draft, req.params, req.generator,
+                                             argmax[offset - len(rows):offset])
                 req.num_cached += 1 + num_accepted
                 req.accepted = 1 + num_accepted
                 req.spec.add(SpecDecodingStats(1, len(draft.tokens), num_accepted))
@@ -184,7 +187,8 @@ class Engine:
                 req.num_cached += n
                 if req.num_cached < len(req.tokens):
                     continue  # a prefill chunk: no token to sample yet
-                new_tokens = [sample(logits[offset - 1], req.params, req.generator)]
+                greedy = req.params.temperature == 0
+                new_tokens = [argmax[offset - 1] if greedy else sample(logits[offset - 1], req.params, req.generator)]
             for token in new_tokens:
                 req.output.append(token)
                 reason = self._stop_reason(req, token)

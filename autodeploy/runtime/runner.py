@@ -3,6 +3,14 @@
 The engine (and a draft model's drafter) hand it lanes; it writes the raw inputs, passes the
 cache tensors by name, and returns the logits of every token of the step. Nothing derived is
 computed here: the graph's prepare nodes do that.
+
+Compile modes (AutoDeploy's names in brackets): ``eager`` (torch-simple) runs the GraphModule;
+``inductor`` (torch-compile) runs ``torch.compile`` of it (cached ops stay opaque); ``cudagraph``
+(torch-cudagraph) captures the graph once per token count in ``capture_sizes`` and replays it for
+any step of at most that many tokens, padded with the reserved padding lane, which touches only
+the null page and the null slot; ``inductor+cudagraph`` (torch-opt) captures the compiled graph.
+The captured graph is the same graph, prepare nodes included, so replays derive every buffer
+from the raw inputs of the step; nothing is prepared outside it.
 """
 
 from __future__ import annotations
@@ -16,22 +24,81 @@ from autodeploy.runtime.batch import BatchInputs, LaneInput
 from autodeploy.runtime.pools import CachePools, PoolSizes
 
 
+COMPILE_MODES = {"eager": "eager", "torch-simple": "eager", "inductor": "inductor", "torch-compile": "inductor",
+                 "cudagraph": "cudagraph", "torch-cudagraph": "cudagraph", "inductor+cudagraph": "inductor+cudagraph",
+                 "torch-opt": "inductor+cudagraph"}
+
+
+def default_capture_sizes(max_batch_size: int, max_draft_tokens: int, max_num_tokens: int) -> list[int]:
+    """Token counts to capture: powers of two up to a full decode/verify step of every lane."""
+    top = min(max_batch_size * (1 + max_draft_tokens), max_num_tokens)
+    sizes = {1 << i for i in range(top.bit_length()) if 1 << i <= top} | {top}
+    return sorted(sizes)
+
+
 class GraphRunner:
-    def __init__(self, gm: GraphModule, sizes: PoolSizes, device: torch.device | str = "cpu"):
+    def __init__(self, gm: GraphModule, sizes: PoolSizes, device: torch.device | str = "cpu",
+                 compile_mode: str = "eager", capture_sizes: list[int] | None = None):
         self.gm, self.sizes = gm, sizes
         specs: list[CacheSpec] = gm.meta.get("autodeploy_caches", [])
         self.pools = CachePools(specs, sizes, device)
         self.inputs = BatchInputs(sizes.max_batch_size, sizes.max_num_tokens, sizes.max_pages_per_seq, device)
         self.input_names = placeholder_names(gm)
-        self.num_runs = 0
+        self.num_runs = self.num_replays = 0
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile mode {compile_mode!r} unknown; known: {sorted(COMPILE_MODES)}")
+        self.mode = COMPILE_MODES[compile_mode]
+        self.fn = torch.compile(gm, dynamic=True, fullgraph=True) if "inductor" in self.mode else gm
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.capture_seconds = 0.0
+        if "cudagraph" in self.mode:
+            if not str(device).startswith("cuda"):
+                raise ValueError(f"compile mode {compile_mode!r} captures CUDA graphs: it needs device 'cuda'")
+            self.capture(capture_sizes or default_capture_sizes(sizes.max_batch_size, 0, sizes.max_num_tokens))
+
+    def _args(self, by_name: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        by_name.update(self.pools.tensors)
+        return [by_name[name] for name in self.input_names]
+
+    @torch.no_grad()
+    def capture(self, token_counts: list[int]) -> None:
+        """Capture one CUDA graph per token count (largest first, one shared memory pool). Capture
+        steps carry only the padding lane, so they write nothing but the null page and slot."""
+        import time
+
+        start = time.perf_counter()
+        bad = [t for t in token_counts if not 1 <= t <= self.sizes.max_num_tokens]
+        if bad:
+            raise ValueError(f"capture sizes {bad} outside [1, max_num_tokens {self.sizes.max_num_tokens}]")
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        for count in sorted(set(token_counts), reverse=True):
+            args = self._args(self.inputs.fill([], pad_to=count))
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up: compiles kernels, settles allocations
+                    self.fn(*args)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self.fn(*args)
+            self.graphs[count] = (graph, out)
+        torch.cuda.synchronize()
+        self.capture_seconds = time.perf_counter() - start
 
     @torch.no_grad()
     def run(self, lanes: list[LaneInput]) -> torch.Tensor:
         """Run one step over ``lanes``; returns logits [tokens of the step, vocab]."""
-        by_name = self.inputs.fill(lanes)
-        by_name.update(self.pools.tensors)
+        tokens = sum(len(lane.tokens) for lane in lanes)
         self.num_runs += 1
-        return self.gm(*[by_name[name] for name in self.input_names])[0]
+        size = min((s for s in self.graphs if s >= tokens), default=None)
+        if size is None:
+            return self.fn(*self._args(self.inputs.fill(lanes)))[0]
+        self.inputs.fill(lanes, pad_to=size)  # the captured graph reads these very buffers
+        graph, out = self.graphs[size]
+        graph.replay()
+        self.num_replays += 1
+        return out[0, :tokens].clone()
 
     def run_in_batches(self, lanes: list[LaneInput]) -> list[torch.Tensor]:
         """Run ``lanes`` in as many steps as the lane and token limits need (each lane must fit a

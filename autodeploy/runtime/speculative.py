@@ -55,7 +55,7 @@ class SpecDecodingStats:
 
 
 def accept(logits: torch.Tensor, draft: Draft, params: SamplingParams,
-           generator: torch.Generator | None = None) -> tuple[int, int]:
+           generator: torch.Generator | None = None, argmax: list[int] | None = None) -> tuple[int, int]:
     """The target's verdict on ``draft`` from its logits at the 1 + k verify positions
     ([1 + k, vocab]): (accepted drafts, the target's next token after them).
 
@@ -63,10 +63,11 @@ def accept(logits: torch.Tensor, draft: Draft, params: SamplingParams,
     speculative-sampling rule (Leviathan et al.; Chen et al.): draft token d drawn from q is kept
     with probability min(1, p(d) / q(d)); the first rejected one is replaced by a draw from
     normalise(max(p - q, 0)); if all are kept the next token is drawn from p. The committed tokens
-    are then distributed exactly as sampling from p token by token."""
+    are then distributed exactly as sampling from p token by token. ``argmax``: the rows' argmax
+    if the caller has it already (one device sync per step instead of one per lane)."""
     k = len(draft.tokens)
     if params.temperature == 0:
-        target = torch.argmax(logits, dim=-1).tolist()
+        target = argmax if argmax is not None else torch.argmax(logits, dim=-1).tolist()
         n = 0
         while n < k and draft.tokens[n] == target[n]:
             n += 1
