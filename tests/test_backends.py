@@ -43,7 +43,9 @@ def test_triton_attention_backend_gives_the_torch_backend_tokens():
 
 def test_triton_ssm_and_attention_backends_with_speculation_give_the_torch_tokens():
     """The hybrid (Mamba2 + sliding window + full attention) entirely on Triton kernels under the
-    interpreter, with draft-model speculation (verify lanes, replay): the torch backend's tokens."""
+    interpreter, with draft-model speculation (verify lanes, replay), every step poisoned
+    (runtime/poison.py: NaN in every unowned page, ring row, slot and replay entry): the torch
+    backend's tokens."""
     pytest.importorskip("triton")
     model = build_model("hybrid")
     g = torch.Generator().manual_seed(1)
@@ -55,6 +57,7 @@ def test_triton_ssm_and_attention_backends_with_speculation_give_the_torch_token
     ref = LLM(model, attn_backend="torch", ssm_backend="torch", **options).generate(ps, params)
     llm = LLM(model, attn_backend="triton", ssm_backend="triton", **options)
     assert llm.gm.meta["autodeploy_backends"] == {"attention": "triton", "ssm": "triton"}
+    llm.engine.runner.poison = llm.drafter.runner.poison = True
     got = llm.generate(ps, params)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
     assert llm.spec_stats.num_accepted_tokens > 0

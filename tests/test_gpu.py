@@ -69,3 +69,19 @@ def test_cuda_graphs_give_eager_tokens(name):
     assert graphed_spec.spec_stats.num_accepted_tokens > 0 and graphed_spec.engine.runner.num_replays > 0
     if name == "hybrid":
         assert tokens(LLM(model, compile_mode="inductor+cudagraph", **fast), ps, params) == ref
+
+
+def test_cuda_graph_replays_are_immune_to_poison():
+    """Before every replay the captured graphs' private memory pool (all their intermediates:
+    every derived metadata buffer) and every unowned cache region are filled with garbage; the
+    tokens do not change, with verify steps and replay included."""
+    model = build_model("hybrid")
+    ps, params = prompts(model.config.vocab_size), SamplingParams(max_tokens=24, ignore_eos=True)
+    spec = {"method": "draft_model", "model": build_model("hybrid"), "num_speculative_tokens": 3}
+    fast = dict(attn_backend="triton", ssm_backend="triton", compile_mode="cudagraph", speculative_config=spec,
+                **OPTIONS)
+    ref = tokens(LLM(model, **fast), ps, params)
+    llm = LLM(model, **fast)
+    llm.engine.runner.poison = llm.drafter.runner.poison = True
+    assert tokens(llm, ps, params) == ref
+    assert llm.engine.runner.num_replays > 0 and llm.engine.runner._pool_poisoner.bytes > 0

@@ -21,6 +21,7 @@ from torch.fx import GraphModule
 from autodeploy.cache_spec import CacheSpec
 from autodeploy.fx_utils import placeholder_names
 from autodeploy.runtime.batch import BatchInputs, LaneInput
+from autodeploy.runtime.poison import PoolPoisoner, poison_step
 from autodeploy.runtime.pools import CachePools, PoolSizes
 
 
@@ -51,6 +52,8 @@ class GraphRunner:
         self.fn = torch.compile(gm, dynamic=True, fullgraph=True) if "inductor" in self.mode else gm
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
+        self.poison = False  # garble everything a step must not read before it runs (runtime/poison.py)
+        self._pool_poisoner = None
         if "cudagraph" in self.mode:
             if not str(device).startswith("cuda"):
                 raise ValueError(f"compile mode {compile_mode!r} captures CUDA graphs: it needs device 'cuda'")
@@ -85,6 +88,7 @@ class GraphRunner:
             self.graphs[count] = (graph, out)
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
+        self._pool = pool
 
     @torch.no_grad()
     def run(self, lanes: list[LaneInput]) -> torch.Tensor:
@@ -92,10 +96,16 @@ class GraphRunner:
         tokens = sum(len(lane.tokens) for lane in lanes)
         self.num_runs += 1
         size = min((s for s in self.graphs if s >= tokens), default=None)
+        args = self._args(self.inputs.fill(lanes, pad_to=size))  # a captured graph reads these very buffers
+        if self.poison:
+            poison_step(self, lanes, dict(zip(self.input_names, args)))
         if size is None:
-            return self.fn(*self._args(self.inputs.fill(lanes)))[0]
-        self.inputs.fill(lanes, pad_to=size)  # the captured graph reads these very buffers
+            return self.fn(*args)[0]
         graph, out = self.graphs[size]
+        if self.poison:
+            if self._pool_poisoner is None:
+                self._pool_poisoner = PoolPoisoner(self._pool, out.device)
+            self._pool_poisoner()
         graph.replay()
         self.num_replays += 1
         return out[0, :tokens].clone()
