@@ -47,6 +47,9 @@ class DeployConfig:
     (AutoDeploy's torch-simple / torch-compile / torch-cudagraph / torch-opt are aliases).
     cuda_graph_sizes: token counts to capture (default: powers of two up to a full decode or
     verify step of every lane); steps with more tokens run uncaptured.
+    checked: checked mode (default: the AUTODEPLOY_CHECKED environment variable): the graph
+    asserts on the device that every index handed to a kernel is inside its pool, and the engine
+    checks pool accounting after every step.
     speculative_config: speculative decoding, vLLM's keys: {"method": "ngram", "num_speculative_tokens":
     K, "prompt_lookup_max": 4, "prompt_lookup_min": 1} or {"method": "draft_model", "model": <model
     instance or checkpoint directory>, "num_speculative_tokens": K}. None: off.
@@ -63,6 +66,7 @@ class DeployConfig:
     attn_backend: str = "auto"
     ssm_backend: str = "auto"
     compile_mode: str = "eager"
+    checked: bool = field(default_factory=lambda: os.environ.get("AUTODEPLOY_CHECKED", "") not in ("", "0"))
     cuda_graph_sizes: list[int] | None = None
     speculative_config: dict | None = None
 
@@ -160,9 +164,12 @@ def _load(model: nn.Module | str | os.PathLike, dtype: torch.dtype):
         raise FileNotFoundError(f"{path!r} has no config.json: not a transformers checkpoint directory")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except OSError as e:  # config.json but no (or partial) weights
+        raise FileNotFoundError(f"cannot load the checkpoint in {path!r}: {e}") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError):
         tokenizer = None
     return loaded, tokenizer
@@ -181,7 +188,7 @@ def _cached_graph(model: nn.Module, cfg: DeployConfig):
     """Export ``model`` and run the cached pipeline: (graph, transform infos)."""
     chosen = _backends(cfg)
     gm = export_model(model, max_seq_len=cfg.max_seq_len)
-    infos = run_pipeline(gm, CACHED_PIPELINE, {
+    infos = run_pipeline(gm, CACHED_PIPELINE + (("insert_index_checks",) if cfg.checked else ()), {
         "insert_cached_attention": {"page_size": cfg.page_size, "max_num_tokens": cfg.max_num_tokens,
                                     "backend": chosen["attention"]},
         "insert_cached_ssm": {"backend": chosen["ssm"], "max_draft_tokens": cfg.num_speculative_tokens},
@@ -225,6 +232,7 @@ class LLM:
         self.drafter = self._drafter(sizes, vocab, dtype)
         self.engine = Engine(self._runner(self.gm, sizes), sizes, vocab, _eos_token_ids(self.model), cfg.device,
                              self.drafter)
+        self.engine.checked = cfg.checked
         self.build_seconds = time.perf_counter() - start
         self.spec_stats = SpecDecodingStats() if self.drafter is not None else None
         logger.info("backends: %s", self.gm.meta["autodeploy_backends"])

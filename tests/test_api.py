@@ -180,3 +180,17 @@ def test_every_eos_id_of_the_generation_config_stops(llm):
     finally:
         gen_config.eos_token_id, llm.engine.eos_token_ids = saved
     assert out.token_ids == tokens[: tokens.index(tokens[4]) + 1] and out.finish_reason == "stop"
+
+
+def test_checkpoint_directory_missing_weights(tmp_path):
+    build_model("llama").config.save_pretrained(tmp_path)  # config.json, no weights
+    with pytest.raises(FileNotFoundError, match="cannot load the checkpoint"):
+        LLM(str(tmp_path))
+
+
+def test_checkpoint_directory_round_trip(tmp_path):
+    model = build_model("llama")
+    model.save_pretrained(tmp_path)
+    out = LLM(str(tmp_path), max_batch_size=1, max_seq_len=32, max_num_tokens=16).generate(
+        [{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert out[0].outputs[0].token_ids == hf_greedy_uncached(model, [1, 2, 3], 4)

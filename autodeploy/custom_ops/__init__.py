@@ -10,8 +10,11 @@ from autodeploy.custom_ops.ssd_scan import ssd_scan, ssd_scan_reference
 from autodeploy.custom_ops.prepare_metadata import prepare_attention_metadata, prepare_ssm_metadata
 from autodeploy.custom_ops.torch_cached_attention import torch_cached_attention
 from autodeploy.custom_ops.torch_cached_ssm import torch_cached_causal_conv1d, torch_cached_ssd_scan
+from autodeploy.custom_ops.checks import check_attention_metadata, check_ssm_metadata
 
 __all__ = [
+    "check_attention_metadata",
+    "check_ssm_metadata",
     "attention",
     "attention_reference",
     "causal_conv1d",

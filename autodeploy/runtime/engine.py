@@ -64,6 +64,7 @@ class Engine:
         self.gm, self.sizes, self.vocab_size = self.runner.gm, sizes, vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
         self.pools = self.runner.pools
+        self.checked = False  # checked mode: verify pool accounting after every step
         self.drafter = drafter
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -196,7 +197,21 @@ class Engine:
                     self._finish(req, reason)
                     finished.append(req)
                     break
+        if self.checked:
+            self.check_accounting()
         return finished
+
+    def check_accounting(self) -> None:
+        """Every allocated slot and page belongs to exactly one running request, and back."""
+        slots = [r.slot for r in self.running]
+        pages = [p for r in self.running for p in r.pages]
+        problems = []
+        if len(set(slots)) != len(slots) or set(slots) != self.pools.slots._used:
+            problems.append(f"slots of running requests {sorted(slots)} != allocated {sorted(self.pools.slots._used)}")
+        if len(set(pages)) != len(pages) or set(pages) != self.pools.pages._used:
+            problems.append("pages of running requests are shared or differ from the allocated ones")
+        if problems:
+            raise AssertionError("autodeploy checked mode: " + "; ".join(problems))
 
     def _drafts(self, lanes: list[tuple[Request, int]]) -> dict[int, Draft]:
         """Lane index -> its drafts, for decode lanes the scheduler gave room for drafts."""

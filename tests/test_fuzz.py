@@ -1,0 +1,129 @@
+"""Schedule fuzzing (hypothesis): random arrivals, prompt lengths past several windows, stop
+tokens, aborts at any step, per-request draft lengths with random acceptance, more requests than
+lanes and fewer pages than requests need, with checked mode on.
+
+Oracle: every request's tokens equal running it alone without speculation (an aborted one: a
+prefix of them); pools are empty at the end; checked mode never fires. The CI profile runs 25
+seeded examples; ``AUTODEPLOY_FUZZ=long`` runs 400.
+"""
+
+import functools
+import os
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from autodeploy import LLM, SamplingParams
+from autodeploy.models import build_model
+from autodeploy.runtime.speculative import Draft, Drafter
+
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("long", max_examples=400, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+PROFILE = "long" if os.environ.get("AUTODEPLOY_FUZZ") == "long" else "ci"
+OPTIONS = dict(max_batch_size=3, max_seq_len=112, max_num_tokens=16, page_size=8)
+K = 3
+
+
+@functools.lru_cache(maxsize=None)
+def model():
+    return build_model("hybrid")
+
+
+@functools.lru_cache(maxsize=None)
+def alone_engine():
+    return LLM(model(), **OPTIONS).engine
+
+
+@functools.lru_cache(maxsize=4096)
+def alone(prompt: tuple, max_tokens: int) -> tuple:
+    engine = alone_engine()
+    rid = engine.add_request(list(prompt), SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    return tuple(engine.requests.pop(rid).output)
+
+
+class TruthDrafter(Drafter):
+    """Drafts the true continuation, cut to a random length and corrupted at a random place, so
+    every accepted count occurs; proposals come from a seeded RNG."""
+
+    max_draft_tokens = K
+
+    def __init__(self, rng: random.Random):
+        self.rng, self.truth = rng, {}
+
+    def propose(self, requests, num_tokens):
+        out = []
+        for req, k in zip(requests, num_tokens):
+            truth = self.truth[req.request_id]
+            n = len(req.tokens)
+            tokens = list(truth[n:n + self.rng.randint(0, k)])
+            if tokens and self.rng.random() < 0.5:
+                i = self.rng.randrange(len(tokens))
+                tokens[i] = (tokens[i] + 1) % 256
+            out.append(Draft(tokens))
+        return out
+
+
+@functools.lru_cache(maxsize=None)
+def engine(num_pages: int):
+    llm = LLM(model(), **OPTIONS, num_pages=num_pages, checked=True,
+              speculative_config={"method": "ngram", "num_speculative_tokens": K})
+    return llm.engine
+
+
+request = st.fixed_dictionaries({
+    "length": st.integers(1, 70),  # the hybrid's window is 24
+    "seed": st.integers(0, 10_000),
+    "max_tokens": st.integers(1, 24),
+    "arrival": st.integers(0, 8),
+    "abort": st.one_of(st.none(), st.integers(0, 15)),
+    "stop_at": st.one_of(st.none(), st.integers(0, 23)),
+})
+
+
+@settings(settings.get_profile(PROFILE))
+@given(requests=st.lists(request, min_size=1, max_size=6), num_pages=st.sampled_from([12, 40]),
+       drafter_seed=st.integers(0, 2**16))
+def test_random_schedules_match_each_request_alone(requests, num_pages, drafter_seed):
+    eng = engine(num_pages)
+    eng.drafter = TruthDrafter(random.Random(drafter_seed))
+    expected, ids, started = {}, {}, set()
+    step = 0
+    while len(started) < len(requests) or eng.has_unfinished():
+        for i, r in enumerate(requests):
+            if i not in started and r["arrival"] <= step:
+                prompt = tuple(random.Random(r["seed"]).randrange(256) for _ in range(r["length"]))
+                full = alone(prompt, r["max_tokens"])
+                stop = [full[r["stop_at"]]] if r["stop_at"] is not None and r["stop_at"] < len(full) else []
+                params = SamplingParams(max_tokens=r["max_tokens"], ignore_eos=True, stop_token_ids=stop)
+                if -(-(len(prompt) + r["max_tokens"]) // OPTIONS["page_size"]) > num_pages:
+                    with pytest.raises(ValueError, match="KV pages"):
+                        eng.add_request(list(prompt), params)
+                    started.add(i)
+                    continue
+                rid = eng.add_request(list(prompt), params)
+                eng.drafter.truth[rid] = prompt + full
+                ids[i] = rid
+                expected[i] = list(full[:full.index(stop[0]) + 1]) if stop else list(full)
+                started.add(i)
+        for i, r in enumerate(requests):
+            if i in ids and r["abort"] == step:
+                eng.abort(ids[i])
+        eng.step()
+        step += 1
+        assert step < 500, "no progress"
+    for i, rid in ids.items():
+        req = eng.requests.pop(rid)
+        if req.finish_reason == "abort":
+            assert req.output == expected[i][:len(req.output)]
+        else:
+            assert req.output == expected[i], (requests[i], req.finish_reason)
+            assert req.finish_reason == ("stop" if requests[i]["stop_at"] is not None
+                                         and requests[i]["stop_at"] < requests[i]["max_tokens"] else "length")
+    eng.pools.assert_empty()
+    eng.check_accounting()
