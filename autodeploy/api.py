@@ -274,7 +274,12 @@ class LLM:
         if isinstance(prompt, dict):
             if "prompt_token_ids" not in prompt:
                 raise ValueError(f"prompt dict needs 'prompt_token_ids', got keys {sorted(prompt)}")
-            return list(prompt["prompt_token_ids"])
+            ids = prompt["prompt_token_ids"]
+            if hasattr(ids, "tolist"):  # a tensor or an array of token ids
+                if getattr(ids, "ndim", 1) != 1:
+                    raise ValueError(f"prompt_token_ids must be 1-D, got shape {tuple(ids.shape)}")
+                ids = ids.tolist()
+            return list(ids)
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("string prompts need a tokenizer; pass {'prompt_token_ids': [...]} instead")

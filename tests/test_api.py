@@ -127,6 +127,20 @@ def test_bad_config_and_prompts():
         LLM("/nonexistent/model/dir")
 
 
+def test_prompt_ids_as_tensors_and_wrong_shapes_or_types(llm):
+    ids = torch.tensor([5, 6, 7])
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    assert (llm.generate([{"prompt_token_ids": ids}], params)[0].outputs[0].token_ids
+            == llm.generate([{"prompt_token_ids": [5, 6, 7]}], params)[0].outputs[0].token_ids)
+    with pytest.raises(ValueError, match="must be 1-D"):
+        llm.generate([{"prompt_token_ids": ids[None]}], params)
+    with pytest.raises(ValueError, match="not int"):
+        llm.generate([{"prompt_token_ids": [1.5, 2]}], params)
+    with pytest.raises(TypeError, match="a prompt is a str or"):
+        llm.generate([[1, 2, 3]], params)
+    llm.engine.pools.assert_empty()
+
+
 def test_string_prompt_without_tokenizer(llm):
     with pytest.raises(ValueError, match="string prompts need a tokenizer"):
         llm.generate("hello")

@@ -76,4 +76,4 @@ def attention(
 
 @attention.register_fake
 def _attention_fake(q, k, v, scale, sliding_window=0, soft_cap=0.0, sinks=None):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # the real op returns a contiguous tensor

@@ -121,4 +121,4 @@ def ssd_scan(
 def _ssd_scan_fake(x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus, dt_min, dt_max, chunk_size):
     b, _, h, p = x.shape
     n = B.shape[-1]
-    return torch.empty_like(x), x.new_empty((b, h, p, n), dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty((b, h, p, n), dtype=torch.float32)

@@ -59,9 +59,17 @@ class InsertCachedAttention(Transform):
         raw = {name: graph_input(gm, name) for name in RAW_INPUTS}
         specs: list[CacheSpec] = gm.meta.setdefault("autodeploy_caches", [])
         prepared: dict[int, list[torch.fx.Node]] = {}
+        export_meta = gm.meta.get("autodeploy")
+        full_pages = -(-export_meta.max_seq_len // cfg.page_size) if export_meta is not None else None
         for index, node in enumerate(nodes):
             kw = op_kwargs(node)
-            window = int(kw["sliding_window"])
+            op_window = int(kw["sliding_window"])
+            # a ring only where it is smaller than a full-length page list (a window at least as
+            # long as max_seq_len never binds: the layer shares the full pool, same numbers)
+            window = op_window
+            if window > 0 and full_pages is not None and swa_ring_pages(window, cfg.max_num_tokens,
+                                                                         cfg.page_size) >= full_pages:
+                window = 0
             k_val = kw["k"].meta.get("val")
             hkv, head_dim = k_val.shape[2], k_val.shape[3]
             pool = swa_pool(window) if window > 0 else POOL_FULL
@@ -80,7 +88,7 @@ class InsertCachedAttention(Transform):
                 meta = prepared[window]
                 cached = graph.call_function(
                     cached_attention,
-                    (kw["q"], kw["k"], kw["v"], *caches, *meta, kw["scale"], window, kw["soft_cap"], kw["sinks"]),
+                    (kw["q"], kw["k"], kw["v"], *caches, *meta, kw["scale"], op_window, kw["soft_cap"], kw["sinks"]),
                 )
             cached.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack")})
             node.replace_all_uses_with(cached)

@@ -61,3 +61,20 @@ def test_swa_pool_does_not_grow_with_max_seq_len():
         bytes_at[max_seq_len] = CachePools(gm.meta["autodeploy_caches"], sizes).bytes_by_pool()
     assert set(bytes_at[128]) == {swa_pool(24)}
     assert bytes_at[128] == bytes_at[1024]
+
+
+def test_a_window_that_never_binds_shares_the_full_pool():
+    """Mistral's window (24) with max_seq_len 32 and a 16-token budget: a ring (5 pages of 8)
+    would be larger than a full-length page list (4 pages), so the layer uses the full pool and
+    keeps its window argument; tokens equal transformers."""
+    from autodeploy import LLM, SamplingParams
+
+    from helpers import hf_greedy_uncached
+
+    model = build_model("mistral")
+    llm = LLM(model, max_batch_size=2, max_seq_len=32, max_num_tokens=16, page_size=8)
+    assert set(llm.cache_bytes()) == {"kv_full"}
+    assert {n.args[-3] for n in op_nodes(llm.gm, CACHED)} == {24}
+    prompt = list(range(3, 23))
+    out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=12, ignore_eos=True))
+    assert out[0].outputs[0].token_ids == hf_greedy_uncached(model, prompt, 12)
