@@ -92,6 +92,7 @@ def main() -> None:
         build = time.perf_counter() - t0
         ours(llm, [p[:32] for p in prompts], 8)  # warm-up: Triton compiles
         row = {"batch": bs, "compile": mode, "build_s": build, "capture_s": llm.engine.runner.capture_seconds,
+               "capture_sizes": sorted(llm.engine.runner.graphs), "capture_MiB": llm.engine.runner.capture_bytes / 2**20,
                **ours(llm, prompts, args.new)}
         state_bytes = sum(llm.cache_bytes()[p] for p in ("ssm", "conv")) * bs / (bs + 1)
         kv_bytes = sum(b for p, b in llm.cache_bytes().items() if p.startswith("kv"))

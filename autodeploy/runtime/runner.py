@@ -52,6 +52,7 @@ class GraphRunner:
         self.fn = torch.compile(gm, dynamic=True, fullgraph=True) if "inductor" in self.mode else gm
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
+        self.capture_bytes = 0
         self.poison = False  # garble everything a step must not read before it runs (runtime/poison.py)
         self._pool_poisoner = None
         if "cudagraph" in self.mode:
@@ -70,6 +71,7 @@ class GraphRunner:
         import time
 
         start = time.perf_counter()
+        reserved = torch.cuda.memory_reserved()
         bad = [t for t in token_counts if not 1 <= t <= self.sizes.max_num_tokens]
         if bad:
             raise ValueError(f"capture sizes {bad} outside [1, max_num_tokens {self.sizes.max_num_tokens}]")
@@ -88,6 +90,7 @@ class GraphRunner:
             self.graphs[count] = (graph, out)
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
+        self.capture_bytes = torch.cuda.memory_reserved() - reserved  # the graphs' private pool, mostly
         self._pool = pool
 
     @torch.no_grad()
