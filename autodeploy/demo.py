@@ -7,28 +7,84 @@ weights: its greedy decoding by uncached forwards (always) and its cached ``gene
 second oracle has a known flaw: for some prompt lengths transformers' cached Mamba2 path departs
 from its own uncached forward; those prompts are reported as such, not counted as ours. Prints a
 short report; exits non-zero on a mismatch.
+
+Any zoo model or checkpoint directory can take the embedded model's place (``autodeploy run
+--model NAME_OR_DIR``), with the engine options of ``config``.
 """
 
 from __future__ import annotations
 
 import collections
+import os
 import time
+from typing import Any
 
 import torch
 
 from autodeploy.api import LLM
-from autodeploy.models import build_model
-from autodeploy.models.reference import greedy_generate, greedy_uncached
+from autodeploy.models import ZOO, build_model
 from autodeploy.runtime.sampling import SamplingParams
 
 DEFAULT_MODEL = "hybrid"
+DEMO_CONFIG = {"max_batch_size": 4, "max_seq_len": 256, "max_num_tokens": 48, "page_size": 16}
+PROMPT_LENS = (3, 17, 40, 90, 130, 8)
 
 
-def run_demo(model_name: str = DEFAULT_MODEL, prompt_lens=(3, 17, 40, 90, 130, 8), new_tokens: int = 24) -> bool:
-    model = build_model(model_name)
-    print(f"model: {model_name} ({type(model).__name__}), "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, float32, CPU")
-    llm = LLM(model, max_batch_size=4, max_seq_len=256, max_num_tokens=48, page_size=16)
+def load_model(model: Any) -> tuple[Any, str]:
+    """(what ``LLM`` takes, a display name) for a zoo name, a checkpoint directory or a model."""
+    if isinstance(model, torch.nn.Module):
+        return model, type(model).__name__
+    path = os.fspath(model)
+    if os.path.isdir(path):
+        return path, os.path.basename(os.path.normpath(path)) or path
+    if path in ZOO:
+        return build_model(path), path
+    if os.sep in path or path.startswith("."):
+        raise FileNotFoundError(f"model directory {path!r} does not exist")
+    raise FileNotFoundError(f"model {path!r} is neither a zoo model ({', '.join(ZOO)}) nor a checkpoint directory")
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(iter(model.parameters()), torch.empty(0)).device
+
+
+def greedy_uncached(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding by repeated full (uncached) forwards of ``model`` on its own device:
+    independent of any cache code path, ours or transformers'."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=torch.tensor([ids], device=_device(model)), use_cache=False).logits[0, -1]
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
+def greedy_generate(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+    """transformers' own cached ``generate()``, greedy, exactly ``n`` tokens (no EOS stop)."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt], device=_device(model)), max_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def run_demo(model: Any = DEFAULT_MODEL, prompt_lens=PROMPT_LENS, new_tokens: int = 24,
+             config: dict | None = None) -> bool:
+    """Serve random prompts of ``prompt_lens`` tokens on ``model`` (zoo name, checkpoint directory
+    or model instance) and check every token against transformers; ``config``: LLM options over
+    ``DEMO_CONFIG``. Prints a report ending in "OK" or "FAILED"; returns whether all matched."""
+    cfg = {**DEMO_CONFIG, **(config or {})}
+    if not isinstance(new_tokens, int) or new_tokens < 1:
+        raise ValueError(f"new_tokens must be a positive int, got {new_tokens!r}")
+    room = cfg["max_seq_len"] - new_tokens
+    if room < 1:
+        raise ValueError(f"max_seq_len {cfg['max_seq_len']} leaves no room for a prompt before {new_tokens} new tokens")
+    prompt_lens = sorted(set(min(n, room) for n in prompt_lens), key=list(prompt_lens).index)
+    source, name = load_model(model)
+    llm = LLM(source, **cfg)
+    model = llm.model
+    print(f"model: {name} ({type(model).__name__}), "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {llm.config.dtype}, "
+          f"{llm.config.device.upper() if llm.config.device == 'cpu' else llm.config.device}")
     print(f"build (export + transforms + pools): {llm.build_seconds:.2f} s")
     for info in llm.transform_infos:
         print("  " + info.summary())

@@ -71,6 +71,8 @@ class GraphRunner:
         import time
 
         start = time.perf_counter()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # so that the growth below is the graphs' pool, not freed temporaries
         reserved = torch.cuda.memory_reserved()
         bad = [t for t in token_counts if not 1 <= t <= self.sizes.max_num_tokens]
         if bad:

@@ -92,6 +92,7 @@ class InsertCachedSSM(Transform):
                     kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], kw["D"], kw["dt_bias"], state, *buffers, *lanes,
                     kw["dt_softplus"], kw["dt_min"], kw["dt_max"], kw["chunk_size"]))
             cached.meta["val"] = node.meta["val"][0]
+            cached.meta["nn_module_stack"] = node.meta.get("nn_module_stack")
             for user in list(node.users):
                 if user.target is not operator.getitem:
                     raise ValueError(f"{self.name}: unexpected user {user.name} of {node.name}")
@@ -112,6 +113,7 @@ class InsertCachedSSM(Transform):
                 cached = graph.call_function(cached_conv, (
                     kw["x"], kw["weight"], kw["bias"], kw["activation"], state, buffer, *lanes))
             cached.meta["val"] = node.meta.get("val")
+            cached.meta["nn_module_stack"] = node.meta.get("nn_module_stack")
             node.replace_all_uses_with(cached)
             graph.erase_node(node)
             info.num_matches += 1
