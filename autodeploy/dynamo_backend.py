@@ -52,10 +52,7 @@ from autodeploy import backends
 from autodeploy.custom_ops.attention import attention_reference
 from autodeploy.custom_ops.causal_conv1d import ACTIVATIONS, causal_conv1d_reference
 from autodeploy.export import MAMBA_ROUTES, hub_kernel_name, route_mamba_entry_points, ssm_mixers
-from autodeploy.fx_utils import owning_module
 from autodeploy.transforms.match_attention import (
-    SDPA,
-    SOFTMAX,
     MaskProbe,
     MatchAttention,
     UnmatchedAttention,
@@ -398,18 +395,9 @@ class _DynamoMaskProbe(MaskProbe):
 
 def _match_attention(gm: GraphModule, record: GraphRecord, probe_length: int, shape_env) -> _DynamoMaskProbe:
     """MatchAttention's replacements with :class:`_DynamoMaskProbe`."""
-    matcher = MatchAttention()
     probe = _DynamoMaskProbe(gm, probe_length, shape_env)
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in SDPA | SOFTMAX:
-            continue
-        try:
-            if node.target in SDPA:
-                matcher._replace_sdpa(gm, node, probe)
-            else:
-                matcher._replace_eager(gm, node, probe)
-        except UnmatchedAttention as why:
-            record.unmatched.append(f"{owning_module(node) or '<root>'} ({node.name}): {why}")
+    _, unmatched = MatchAttention().replace_all(gm, probe)
+    record.unmatched.extend(unmatched)
     return probe
 
 

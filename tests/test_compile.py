@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from autodeploy import LLM, DeployConfig, SamplingParams
-from autodeploy.models import build_model
+from autodeploy.models import build_model, zoo_names
 from autodeploy.runtime.runner import COMPILE_MODES, default_capture_sizes
 
 
@@ -34,3 +34,17 @@ def test_compile_mode_names_and_errors():
         DeployConfig(compile_mode="cudagraph", device="cuda", attn_backend="torch")
     assert default_capture_sizes(8, 0, 128) == [1, 2, 4, 8]
     assert default_capture_sizes(6, 3, 16) == [1, 2, 4, 8, 16]  # 6 lanes x 4 tokens, capped by the budget
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", zoo_names())
+def test_inductor_on_every_zoo_model(name):
+    """Opt-in (-m slow, about 4 minutes on 2 cores): inductor == eager tokens on the whole zoo."""
+    model = build_model(name)
+    g = torch.Generator().manual_seed(1)
+    ps = [{"prompt_token_ids": torch.randint(0, 256, (n,), generator=g).tolist()} for n in (5, 40)]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    opts = dict(max_batch_size=2, max_seq_len=64, max_num_tokens=16, page_size=8)
+    ref = [o.outputs[0].token_ids for o in LLM(model, **opts).generate(ps, params)]
+    got = [o.outputs[0].token_ids for o in LLM(model, compile_mode="inductor", **opts).generate(ps, params)]
+    assert got == ref

@@ -186,8 +186,16 @@ class MatchAttention(Transform):
         length = self.config.probe_length
         if export_info is not None:
             length = min(length, export_info.max_seq_len)
-        probe = MaskProbe(gm, length)
-        unmatched: list[str] = []
+        matched, unmatched = self.replace_all(gm, MaskProbe(gm, length))
+        info.num_matches, info.changed = matched, matched > 0
+        info.details["unmatched"] = unmatched
+        for line in unmatched:
+            logger.warning("match_attention: left unmatched, runs as exported: %s", line)
+
+    def replace_all(self, gm: GraphModule, probe: MaskProbe) -> tuple[int, list[str]]:
+        """Replace every attention ``probe`` can read the mask of: (matches, unmatched reasons).
+        Also used by the torch.compile backend with its own probe."""
+        matched, unmatched = 0, []
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target not in SDPA | SOFTMAX:
                 continue
@@ -196,14 +204,10 @@ class MatchAttention(Transform):
                     self._replace_sdpa(gm, node, probe)
                 else:
                     self._replace_eager(gm, node, probe)
+                matched += 1
             except UnmatchedAttention as why:
                 unmatched.append(f"{owning_module(node) or '<root>'} ({node.name}): {why}")
-                continue
-            info.num_matches += 1
-            info.changed = True
-        info.details["unmatched"] = unmatched
-        for line in unmatched:
-            logger.warning("match_attention: left unmatched, runs as exported: %s", line)
+        return matched, unmatched
 
     # -- SDPA ------------------------------------------------------------------------------------
     def _replace_sdpa(self, gm: GraphModule, node: Node, probe: MaskProbe) -> None:
