@@ -9,6 +9,7 @@ import torch
 from autodeploy.export import ssm_mixers
 from autodeploy.models.reference import greedy_generate, greedy_uncached
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton op tests run on CUDA when there is one
 ATTENTION = torch.ops.autodeploy.attention.default
 SSD_SCAN = torch.ops.autodeploy.ssd_scan.default
 CAUSAL_CONV1D = torch.ops.autodeploy.causal_conv1d.default

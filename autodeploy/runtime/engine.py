@@ -119,9 +119,9 @@ class Engine:
             req.slot, req.pages = 0, []
 
     # -- scheduling ------------------------------------------------------------------------------
-    def _schedule(self) -> list[tuple[Request, int]]:
-        """(request, new tokens) per lane; a decode lane's count includes the drafts it may carry."""
-        budget, lanes = self.sizes.max_num_tokens, []
+    def _schedule(self) -> tuple[list[tuple[Request, int]], dict[int, int]]:
+        """Lanes as (request, new tokens), and lane index -> how many drafts a decode lane may carry."""
+        budget, lanes, room = self.sizes.max_num_tokens, [], {}
         decodes = [r for r in self.running if len(r.tokens) - r.num_cached == 1]
         prefills = [r for r in self.running if len(r.tokens) - r.num_cached > 1]
         for req in decodes + prefills:
@@ -131,11 +131,11 @@ class Engine:
             lanes.append((req, n))
             budget -= n
         if self.drafter is not None:  # leftover budget goes to drafts, never past max_tokens
-            for i, (req, n) in enumerate(lanes):
-                if req in decodes and budget > 0:
-                    k = min(self.drafter.max_draft_tokens, req.params.max_tokens - len(req.output) - 1, budget)
-                    lanes[i] = (req, 1 + max(k, 0))
-                    budget -= max(k, 0)
+            for i, (req, _) in enumerate(lanes[:len(decodes)]):
+                k = min(self.drafter.max_draft_tokens, req.params.max_tokens - len(req.output) - 1, budget)
+                if k > 0:
+                    room[i] = k
+                    budget -= k
         while self.waiting and budget > 0 and len(lanes) < self.sizes.max_batch_size and self.pools.slots.num_free:
             req = self.waiting[0]
             need = self._pages_for(len(req.prompt) + req.params.max_tokens)
@@ -148,48 +148,56 @@ class Engine:
             n = min(len(req.prompt), budget)
             lanes.append((req, n))
             budget -= n
-        return lanes
+        return lanes, room
 
     # -- one step --------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> list[Request]:
         """Run one step; returns the requests that finished in it."""
-        lanes = self._schedule()
+        lanes, room = self._schedule()
         if not lanes:
             if self.waiting:  # admission checks make this impossible; never spin silently
                 raise RuntimeError(f"scheduler stalled: {len(self.waiting)} waiting, {self.pools.pages.num_free} "
                                    f"free pages, {self.pools.slots.num_free} free slots")
             return []
-        drafts = self._drafts(lanes)
-        lanes = [(req, 1 if i in drafts or len(req.tokens) - req.num_cached == 1 else n)
-                 for i, (req, n) in enumerate(lanes)]  # a decode lane with no drafts has 1 token
-        logits = self.runner.run([
+        drafts = self._drafts(lanes, room)
+        lane_inputs = [
             LaneInput(req.tokens[req.num_cached:req.num_cached + n] + (drafts[i].tokens if i in drafts else []),
                       req.num_cached, req.slot, req.pages, accepted=req.accepted, verify=i in drafts)
             for i, (req, n) in enumerate(lanes)
-        ])
+        ]
+        logits = self.runner.run(lane_inputs)
         self.num_steps += 1
-        argmax = logits.argmax(-1).tolist()  # one sync for every greedy lane of the step
-        finished, offset = [], 0
-        for i, (req, n) in enumerate(lanes):
+        # the rows whose logits are used: every row of a verify lane, the last row of a lane that
+        # completes its sequence; their argmax in one device sync
+        starts, used = [0], []
+        for lane in lane_inputs[:-1]:
+            starts.append(starts[-1] + len(lane.tokens))
+        for (req, n), lane, start in zip(lanes, lane_inputs, starts):
+            if lane.verify:
+                used += range(start, start + len(lane.tokens))
+            elif req.num_cached + n == len(req.tokens):
+                used.append(start + n - 1)
+        argmax = dict(zip(used, logits[used].argmax(-1).tolist())) if used else {}
+        finished = []
+        for i, ((req, n), start) in enumerate(zip(lanes, starts)):
             req.accepted = 0
             if i in drafts:
                 draft = drafts[i]
-                rows = logits[offset:offset + 1 + len(draft.tokens)]
-                offset += len(rows)
-                num_accepted, bonus = accept(rows, draft, req.params, req.generator,
-                                             argmax[offset - len(rows):offset])
+                rows = range(start, start + 1 + len(draft.tokens))
+                num_accepted, bonus = accept(logits[start:rows.stop], draft, req.params, req.generator,
+                                             [argmax[r] for r in rows])
                 req.num_cached += 1 + num_accepted
                 req.accepted = 1 + num_accepted
                 req.spec.add(SpecDecodingStats(1, len(draft.tokens), num_accepted))
                 new_tokens = draft.tokens[:num_accepted] + [bonus]
             else:
-                offset += n
                 req.num_cached += n
                 if req.num_cached < len(req.tokens):
                     continue  # a prefill chunk: no token to sample yet
+                last = start + n - 1
                 greedy = req.params.temperature == 0
-                new_tokens = [argmax[offset - 1] if greedy else sample(logits[offset - 1], req.params, req.generator)]
+                new_tokens = [argmax[last] if greedy else sample(logits[last], req.params, req.generator)]
             for token in new_tokens:
                 req.output.append(token)
                 reason = self._stop_reason(req, token)
@@ -206,17 +214,16 @@ class Engine:
         slots = [r.slot for r in self.running]
         pages = [p for r in self.running for p in r.pages]
         problems = []
-        if len(set(slots)) != len(slots) or set(slots) != self.pools.slots._used:
-            problems.append(f"slots of running requests {sorted(slots)} != allocated {sorted(self.pools.slots._used)}")
-        if len(set(pages)) != len(pages) or set(pages) != self.pools.pages._used:
+        if len(set(slots)) != len(slots) or set(slots) != self.pools.slots.used:
+            problems.append(f"slots of running requests {sorted(slots)} != allocated {sorted(self.pools.slots.used)}")
+        if len(set(pages)) != len(pages) or set(pages) != self.pools.pages.used:
             problems.append("pages of running requests are shared or differ from the allocated ones")
         if problems:
             raise AssertionError("autodeploy checked mode: " + "; ".join(problems))
 
-    def _drafts(self, lanes: list[tuple[Request, int]]) -> dict[int, Draft]:
-        """Lane index -> its drafts, for decode lanes the scheduler gave room for drafts."""
-        wanted = [(i, req, n - 1) for i, (req, n) in enumerate(lanes)
-                  if n > 1 and len(req.tokens) - req.num_cached == 1]
+    def _drafts(self, lanes: list[tuple[Request, int]], room: dict[int, int]) -> dict[int, Draft]:
+        """Lane index -> its drafts, for the decode lanes the scheduler gave room for drafts."""
+        wanted = [(i, lanes[i][0], k) for i, k in room.items()]
         if not wanted:
             return {}
         proposed = self.drafter.propose([req for _, req, _ in wanted], [k for _, _, k in wanted])

@@ -50,8 +50,7 @@ def poison_step(runner, lanes: list[LaneInput], graph_inputs: dict[str, torch.Te
     for name, value in graph_inputs.items():
         if name not in STEP_INPUTS and name not in pools.tensors and isinstance(value, torch.Tensor):
             fill_garbage(value)
-    used_slots = set(pools.slots._used)
-    used_pages = set(pools.pages._used)
+    used_slots, used_pages = pools.slots.used, pools.pages.used
     by_slot = {lane.slot: lane for lane in lanes if lane.slot}
     page = sizes.page_size
     for spec in pools.specs:

@@ -39,6 +39,10 @@ class IndexAllocator:
         return len(self._free)
 
     @property
+    def used(self) -> frozenset[int]:
+        return frozenset(self._used)
+
+    @property
     def num_used(self) -> int:
         return len(self._used)
 

@@ -15,6 +15,8 @@ from the raw inputs of the step; nothing is prepared outside it.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch.fx import GraphModule
 
@@ -68,15 +70,13 @@ class GraphRunner:
     def capture(self, token_counts: list[int]) -> None:
         """Capture one CUDA graph per token count (largest first, one shared memory pool). Capture
         steps carry only the padding lane, so they write nothing but the null page and slot."""
-        import time
-
+        bad = [t for t in token_counts if not 1 <= t <= self.sizes.max_num_tokens]
+        if bad:
+            raise ValueError(f"capture sizes {bad} outside [1, max_num_tokens {self.sizes.max_num_tokens}]")
         start = time.perf_counter()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # so that the growth below is the graphs' pool, not freed temporaries
         reserved = torch.cuda.memory_reserved()
-        bad = [t for t in token_counts if not 1 <= t <= self.sizes.max_num_tokens]
-        if bad:
-            raise ValueError(f"capture sizes {bad} outside [1, max_num_tokens {self.sizes.max_num_tokens}]")
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         for count in sorted(set(token_counts), reverse=True):

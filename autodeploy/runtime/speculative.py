@@ -177,43 +177,35 @@ class DraftModelDrafter(Drafter):
         active = [i for i, k in enumerate(num_tokens) if k > 0]
         budget = self.runner.sizes.max_num_tokens
         # 1. catch up on the target's committed tokens; the last chunk's logits give the first draft
-        todo: dict[int, int] = {}  # request index -> first token not yet fed
+        seqs = {i: self._sequence(requests[i]) for i in active}
         replay: dict[int, int] = {}
-        for i in active:
-            req, seq = requests[i], self._sequence(requests[i])
-            tokens, accepted = req.tokens, 0
+        for i, seq in seqs.items():
+            tokens, accepted = requests[i].tokens, 0
             while (accepted < len(seq.buffered) and seq.cached + accepted < len(tokens) - 1
                    and tokens[seq.cached + accepted] == seq.buffered[accepted]):
                 accepted += 1
             seq.cached += accepted
             seq.buffered = []
-            todo[i], replay[i] = seq.cached, accepted
-        while todo:
-            order = list(todo)
-            lanes = []
-            for i in order:
-                req, seq = requests[i], self.sequences[requests[i].request_id]
-                chunk = req.tokens[todo[i]:todo[i] + budget]
-                lanes.append(LaneInput(chunk, todo[i], seq.slot, seq.pages, accepted=replay.pop(i, 0)))
-            for i, lane, logits in zip(order, lanes, self.runner.run_in_batches(lanes)):
-                req, seq = requests[i], self.sequences[requests[i].request_id]
-                todo[i] += len(lane.tokens)
-                seq.cached = todo[i]
-                if todo[i] == len(req.tokens):
-                    del todo[i]
-                    token, q = self._choose(logits[-1], req.params, seq)
+            replay[i] = accepted
+        behind = list(active)  # requests whose draft caches lag the target's tokens
+        while behind:
+            lanes = [LaneInput(requests[i].tokens[seqs[i].cached:seqs[i].cached + budget], seqs[i].cached,
+                               seqs[i].slot, seqs[i].pages, accepted=replay.pop(i, 0)) for i in behind]
+            for i, lane, logits in zip(behind, lanes, self.runner.run_in_batches(lanes)):
+                seqs[i].cached += len(lane.tokens)
+                if seqs[i].cached == len(requests[i].tokens):
+                    token, q = self._choose(logits[-1], requests[i].params, seqs[i])
                     drafts[i].tokens.append(token)
                     probs[i].append(q)
+            behind = [i for i in behind if seqs[i].cached < len(requests[i].tokens)]
         # 2. chain: feed the guesses so far as a verify lane, from the committed state
         for j in range(1, max(num_tokens, default=0)):
             chain = [i for i in active if num_tokens[i] > j]
-            lanes = [LaneInput(drafts[i].tokens[:j], self.sequences[requests[i].request_id].cached,
-                               self.sequences[requests[i].request_id].slot,
-                               self.sequences[requests[i].request_id].pages, verify=True) for i in chain]
+            lanes = [LaneInput(drafts[i].tokens[:j], seqs[i].cached, seqs[i].slot, seqs[i].pages, verify=True)
+                     for i in chain]
             for i, logits in zip(chain, self.runner.run_in_batches(lanes)):
-                seq = self.sequences[requests[i].request_id]
-                seq.buffered = drafts[i].tokens[:j]
-                token, q = self._choose(logits[-1], requests[i].params, seq)
+                seqs[i].buffered = drafts[i].tokens[:j]
+                token, q = self._choose(logits[-1], requests[i].params, seqs[i])
                 drafts[i].tokens.append(token)
                 probs[i].append(q)
         for i in active:

@@ -1,22 +1,19 @@
 """autodeploy::triton_cached_attention against the torch backend (the oracle) on identical inputs.
 
-Without CUDA the kernel runs in Triton's interpreter, which must be switched on before the op module
-is imported. Sizes are tiny: the interpreter executes every program in numpy.
+Without CUDA the kernel runs in Triton's interpreter (tests/conftest.py switches it on before
+anything imports triton). Sizes are tiny: the interpreter executes every program in numpy.
 """
-
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from helpers import DEVICE
+
 pytest.importorskip("triton")
 
 from autodeploy.custom_ops.prepare_metadata import swa_ring_pages  # noqa: E402
 from autodeploy.custom_ops.triton_attention import triton_cached_attention  # noqa: E402, F401
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON = torch.ops.autodeploy.triton_cached_attention.default
 TORCH = torch.ops.autodeploy.torch_cached_attention.default
 PREPARE = torch.ops.autodeploy.prepare_attention_metadata.default

@@ -1,22 +1,19 @@
 """autodeploy::triton_cached_causal_conv1d against the torch backend (the oracle) on identical inputs.
 
-Without CUDA the kernels run in Triton's interpreter, which must be switched on before the op module
-is imported. Sizes are tiny: the interpreter executes every program in numpy. Every comparison
+Without CUDA the kernels run in Triton's interpreter (tests/conftest.py switches it on before
+anything imports triton). Sizes are tiny: the interpreter executes every program in numpy. Every comparison
 covers the outputs and both mutated buffers (conv_state, replay_conv), all slots included.
 """
-
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from helpers import DEVICE
+
 pytest.importorskip("triton")
 
 from autodeploy.custom_ops.triton_causal_conv1d import triton_cached_causal_conv1d  # noqa: E402, F401
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON = torch.ops.autodeploy.triton_cached_causal_conv1d.default
 TORCH = torch.ops.autodeploy.torch_cached_causal_conv1d.default
 PREPARE = torch.ops.autodeploy.prepare_ssm_metadata.default

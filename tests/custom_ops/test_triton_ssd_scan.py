@@ -1,23 +1,20 @@
 """autodeploy::triton_cached_ssd_scan against the torch backend (the oracle) on identical inputs.
 
-Without CUDA the kernels run in Triton's interpreter, which must be switched on before the op module
-is imported. Sizes are tiny: the interpreter executes every program in numpy. Each step mixes lane
+Without CUDA the kernels run in Triton's interpreter (tests/conftest.py switches it on before
+anything imports triton). Sizes are tiny: the interpreter executes every program in numpy. Each step mixes lane
 kinds; both token paths of the kernel (token by token, chunked) run every case.
 """
-
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from helpers import DEVICE
+
 pytest.importorskip("triton")
 
 from autodeploy.custom_ops import triton_ssd_scan  # noqa: E402
 from autodeploy.custom_ops.torch_cached_ssm import torch_cached_ssd_scan  # noqa: E402, F401
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON = torch.ops.autodeploy.triton_cached_ssd_scan.default
 TORCH = torch.ops.autodeploy.torch_cached_ssd_scan.default
 PREPARE = torch.ops.autodeploy.prepare_ssm_metadata.default
