@@ -17,14 +17,14 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from autodeploy import backends
+from autodeploy import backends, distributed
 from autodeploy.export import export_model
 from autodeploy.runtime.engine import Engine
 from autodeploy.runtime.pools import PoolSizes, full_pages_within
 from autodeploy.runtime.runner import COMPILE_MODES, GraphRunner, default_capture_sizes
 from autodeploy.runtime.sampling import SamplingParams
 from autodeploy.runtime.speculative import DraftModelDrafter, Drafter, NgramDrafter, SpecDecodingStats
-from autodeploy.transforms.pipeline import CACHED_PIPELINE, run_pipeline
+from autodeploy.transforms.pipeline import PERF_TRANSFORMS, cached_pipeline, run_pipeline
 
 logger = logging.getLogger("autodeploy")
 
@@ -53,6 +53,11 @@ class DeployConfig:
     speculative_config: speculative decoding, vLLM's keys: {"method": "ngram", "num_speculative_tokens":
     K, "prompt_lookup_max": 4, "prompt_lookup_min": 1} or {"method": "draft_model", "model": <model
     instance or checkpoint directory>, "num_speculative_tokens": K}. None: off.
+    tensor_parallel_size: ranks the model is split over (shard_tensor_parallel), one process per
+    rank launched by torchrun; default: torchrun's WORLD_SIZE (1 when not launched by torchrun).
+    perf_transforms: switch graph rewrites off by name (all on by default): "match_rope",
+    "match_rms_norm", "fuse_projections", "match_gated_activation", "gather_logits" (LM head only on
+    the rows whose logits are used), e.g. {"fuse_projections": False}.
     """
 
     max_batch_size: int = 8
@@ -69,9 +74,11 @@ class DeployConfig:
     checked: bool = field(default_factory=lambda: os.environ.get("AUTODEPLOY_CHECKED", "") not in ("", "0"))
     cuda_graph_sizes: list[int] | None = None
     speculative_config: dict | None = None
+    tensor_parallel_size: int = field(default_factory=distributed.launched_world_size)
+    perf_transforms: dict[str, bool] | None = None
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_seq_len", "page_size", "max_num_tokens"):
+        for name in ("max_batch_size", "max_seq_len", "page_size", "max_num_tokens", "tensor_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"DeployConfig.{name} must be a positive int, got {value!r}")
@@ -91,6 +98,11 @@ class DeployConfig:
             if "torch" in (self.attn_backend, self.ssm_backend):
                 raise ValueError("CUDA graphs need capture-safe cached ops; the torch backend syncs with the host "
                                  "(use attn_backend/ssm_backend 'auto', 'triton' or 'flashinfer')")
+        if self.perf_transforms is not None:
+            unknown = sorted(set(self.perf_transforms) - set(PERF_TRANSFORMS))
+            if unknown or not all(isinstance(v, bool) for v in self.perf_transforms.values()):
+                raise ValueError(f"DeployConfig.perf_transforms maps transform names to bools; unknown {unknown}, "
+                                 f"known: {list(PERF_TRANSFORMS)}")
         if self.speculative_config is not None:
             self.speculative_config = _check_speculative_config(self.speculative_config, self.max_num_tokens)
 
@@ -188,11 +200,18 @@ def _cached_graph(model: nn.Module, cfg: DeployConfig):
     """Export ``model`` and run the cached pipeline: (graph, transform infos)."""
     chosen = _backends(cfg)
     gm = export_model(model, max_seq_len=cfg.max_seq_len)
-    infos = run_pipeline(gm, CACHED_PIPELINE + (("insert_index_checks",) if cfg.checked else ()), {
+    names = cached_pipeline(cfg.perf_transforms, cfg.checked)
+    if cfg.tensor_parallel_size > 1:  # on the plain exported graph, before fusions and caches
+        names = (*names[:1], "shard_tensor_parallel", *names[1:])
+    options = {
         "insert_cached_attention": {"page_size": cfg.page_size, "max_num_tokens": cfg.max_num_tokens,
                                     "backend": chosen["attention"]},
         "insert_cached_ssm": {"backend": chosen["ssm"], "max_draft_tokens": cfg.num_speculative_tokens},
-    })
+        "match_rope": {"max_positions": max(cfg.max_seq_len, cfg.max_num_tokens)},
+        "gather_logits": {"max_draft_tokens": cfg.num_speculative_tokens},
+        "shard_tensor_parallel": {"rank": distributed.rank(), "world_size": cfg.tensor_parallel_size},
+    }
+    infos = run_pipeline(gm, names, {k: v for k, v in options.items() if k in names})
     gm.meta["autodeploy_backends"] = chosen
     return gm, infos
 
@@ -218,10 +237,14 @@ class LLM:
 
     def __init__(self, model: nn.Module | str | os.PathLike, tokenizer: Any = None, **config: Any):
         self.config = DeployConfig.from_kwargs(**config)
+        if self.config.tensor_parallel_size > 1:  # joins torchrun's process group; cuda -> cuda:LOCAL_RANK
+            self.config.device = distributed.init(self.config.tensor_parallel_size, self.config.device)
         dtype = DTYPES[self.config.dtype]
         model, loaded_tokenizer = _load(model, dtype)
         self.tokenizer = tokenizer or loaded_tokenizer
         self.model = model.to(device=self.config.device, dtype=dtype).eval()
+        if self.config.tensor_parallel_size > 1:
+            distributed.check_same_weights(self.model)
         cfg = self.config
         start = time.perf_counter()
         self.gm, self.transform_infos = _cached_graph(self.model, cfg)
@@ -236,8 +259,11 @@ class LLM:
         self.build_seconds = time.perf_counter() - start
         self.spec_stats = SpecDecodingStats() if self.drafter is not None else None
         logger.info("backends: %s", self.gm.meta["autodeploy_backends"])
-        logger.info("cache pools: %s; %d full-attention pages of %d tokens", {
-            pool: f"{b / 2**20:.1f} MiB" for pool, b in self.cache_bytes().items()}, sizes.num_full_pages, cfg.page_size)
+        self.rank = distributed.rank() if cfg.tensor_parallel_size > 1 else 0  # rank 0's outputs are authoritative
+        logger.info("cache pools%s: %s; %d full-attention pages of %d tokens",
+                    f" (rank {self.rank} of {cfg.tensor_parallel_size}, this rank's)" if cfg.tensor_parallel_size > 1
+                    else "", {pool: f"{b / 2**20:.1f} MiB" for pool, b in self.cache_bytes().items()},
+                    sizes.num_full_pages, cfg.page_size)
 
     def _drafter(self, sizes: PoolSizes, vocab: int, dtype: torch.dtype) -> Drafter | None:
         spec, k = self.config.speculative_config, self.config.num_speculative_tokens
@@ -264,7 +290,8 @@ class LLM:
         return runner
 
     def cache_bytes(self) -> dict[str, int]:
-        """Bytes per cache pool; a draft model's pools are prefixed "draft:"."""
+        """Bytes per cache pool (this rank's, under tensor parallelism); a draft model's pools are
+        prefixed "draft:"."""
         out = self.engine.pools.bytes_by_pool()
         if isinstance(self.drafter, DraftModelDrafter):
             out.update({f"draft:{pool}": b for pool, b in self.drafter.runner.pools.bytes_by_pool().items()})
@@ -315,6 +342,8 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
         token_lists = [self._prompt_ids(p) for p in prompts]
+        if self.config.tensor_parallel_size > 1:
+            token_lists, params = self._same_requests_on_every_rank(token_lists, params)
         ids: list[int] = []
         try:
             for tokens, p in zip(token_lists, params):
@@ -338,6 +367,14 @@ class LLM:
                 if rid in self.engine.requests:
                     self.engine.abort(rid)
                     self.engine.requests.pop(rid)
+
+    def _same_requests_on_every_rank(self, token_lists: list[list[int]], params: list[SamplingParams]):
+        """Rank 0's requests on every rank, sampled requests seeded by rank 0: every rank then runs
+        the same schedule and, from logits that the all-reduces make identical, draws the same tokens."""
+        if self.rank == 0:
+            params = [dataclasses.replace(p, seed=int(torch.randint(2**62, ()).item()))
+                      if p.temperature > 0 and p.seed is None else p for p in params]
+        return distributed.broadcast_object((token_lists, params))
 
     def _output(self, req, index: int) -> RequestOutput:
         text = self.tokenizer.decode(req.output) if self.tokenizer is not None else None

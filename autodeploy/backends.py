@@ -20,6 +20,7 @@ CACHED_OPS: dict[str, dict[str, tuple[str, str]]] = {
     "attention": {
         "torch": ("autodeploy.custom_ops.torch_cached_attention", "torch_cached_attention"),
         "triton": ("autodeploy.custom_ops.triton_attention", "triton_cached_attention"),
+        "flashinfer": ("autodeploy.custom_ops.flashinfer_attention", "flashinfer_cached_attention"),
     },
     "ssd_scan": {
         "torch": ("autodeploy.custom_ops.torch_cached_ssm", "torch_cached_ssd_scan"),

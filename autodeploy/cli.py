@@ -45,6 +45,16 @@ def token_ids(text: str) -> list[int]:
     return [int(t) for t in text.split(",") if t.strip()]
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
 def speculative(text: str) -> dict:
     """``ngram:K`` or ``draft:MODEL:K`` (MODEL a zoo name or checkpoint directory) -> speculative_config."""
     parts = text.split(":")
@@ -129,6 +139,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     sg.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling (1.0 = off)")
     sg.add_argument("--seed", type=int, help="per-request sampling seed")
     sg.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
+    tg = run.add_argument_group("tensor parallelism (README: Tensor parallelism)")
+    tg.add_argument("--tp", type=positive_int, metavar="N",
+                    help="split the model over N ranks (GPUs with --device cuda, else CPU processes): relaunches "
+                         "itself under torchrun --nproc-per-node N; rank 0 prints")
     og = run.add_argument_group("output")
     og.add_argument("--stream", action="store_true", help="print tokens as they are generated (LLM.stream)")
 
@@ -185,6 +199,8 @@ def _engine_config(args: argparse.Namespace) -> dict[str, Any]:
     names = ("max_batch_size", "max_seq_len", "max_num_tokens", "page_size", "device", "dtype", "attn_backend",
              "ssm_backend", "compile_mode")
     config = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if getattr(args, "tp", None) is not None:
+        config["tensor_parallel_size"] = args.tp
     device = config.get("device", "cpu")
     if str(device).startswith("cuda"):
         import torch
@@ -312,6 +328,13 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if llm.spec_stats is not None:
         line += f"; speculative acceptance {llm.spec_stats.acceptance_rate:.2f}"
     print(line)
+    if llm.config.tensor_parallel_size > 1:
+        from autodeploy import distributed
+
+        pools, backend = llm.cache_bytes(), distributed.backend_for(llm.config.device)
+        print(f"tensor parallel: {llm.config.tensor_parallel_size} ranks ({backend}); "
+              f"caches per rank {sum(pools.values()) / 1024:.0f} KiB: "
+              + ", ".join(f"{pool} {b / 1024:.0f} KiB" for pool, b in pools.items()))
     return EXIT_OK
 
 
@@ -558,6 +581,29 @@ def _logging(verbose: bool):
                 hf.enable_progress_bar()
 
 
+def _launch_tensor_parallel(argv: list[str], tp: int, verbose: bool) -> int:
+    """Run ``autodeploy ARGV`` in ``tp`` processes under torchrun (torch.distributed.run, a free
+    local port); returns the exit code of the first rank that failed, else 0."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run as torchrun
+
+    if not verbose:  # a failing rank prints its own one-line error; the agent's report repeats it
+        for name in ("torch.distributed.elastic", "torch.distributed.run"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // tp)))  # CPU ranks share the cores
+    launch = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={tp}", "--module", "autodeploy", *argv])
+    try:
+        torchrun(launch)
+    except ChildFailedError as e:
+        codes = [f.exitcode for _, f in sorted(e.failures.items())]
+        return next((c for c in codes if c > 0), EXIT_FAILED)
+    return EXIT_OK
+
+
+def _under_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
 def _one_line(exc: BaseException) -> str:
     msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
     return " ".join(str(msg).split()) or type(exc).__name__
@@ -579,8 +625,13 @@ def main(argv: list[str] | None = None) -> int:
     from autodeploy.export import ExportError
 
     commands = {"run": cmd_run, "graph": cmd_graph, "info": cmd_info}
+    tp = getattr(args, "tp", None)
+    if args.command == "run" and tp != 1 and _under_torchrun() and os.environ["RANK"] != "0":
+        sys.stdout = open(os.devnull, "w")  # every rank computes the same outputs; rank 0 prints them
     try:
         with _logging(getattr(args, "verbose", False)):
+            if tp is not None and tp > 1 and not _under_torchrun():
+                return _launch_tensor_parallel(argv, tp, getattr(args, "verbose", False))
             if args.command == "bench":
                 return cmd_bench(args, subs["bench"], extra)
             return commands[args.command](args, subs[args.command])

@@ -92,6 +92,8 @@ def _layer_of(node: Node) -> str:
     m = LAYER_RE.match(path)
     if m:
         return m.group(1)
+    if path:  # a module outside the decoder layers (embedding, final norm, head)
+        return ""
     # cached ops inserted by a transform may carry no module stack: use what feeds them
     seen, frontier = {node}, list(node.all_input_nodes)
     for _ in range(4):

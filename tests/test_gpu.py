@@ -101,3 +101,97 @@ def test_dynamo_backend_on_the_gpu(name):
         compiled = torch.compile(prepare(model), backend="autodeploy")
         got = compiled(input_ids=ids, position_ids=pos, use_cache=False).logits
     torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3)
+
+
+# -- flashinfer attention (needs flashinfer; head_dim 128 models so each JIT variant builds once) --
+
+
+def _need_flashinfer():
+    pytest.importorskip("flashinfer")
+
+
+@pytest.mark.parametrize("window", [0, 32])
+def test_flashinfer_attention_op_matches_torch(window):
+    """Mixed lanes (prefill, chunk, decode, verify, empty, padding) against the torch backend on the
+    same bf16 inputs: relative error within 2e-2 (bf16 noise, float32 accumulation in both)."""
+    _need_flashinfer()
+    from autodeploy.custom_ops import flashinfer_attention as fa
+    from autodeploy.custom_ops.prepare_metadata import prepare_attention_metadata, swa_ring_pages
+
+    page, hq, hkv, d = 16, 16, 4, 128
+    lanes = [(70, 0, 1), (20, 45, 2), (1, 90, 3), (4, 60, 4), (0, 30, 5), (5, 0, 0)]
+    ring = swa_ring_pages(window, 128, page) if window else 0
+    num_pages = 6 * (ring or 10) + 1
+    table = torch.zeros(len(lanes), 10, dtype=torch.int32)
+    perm = torch.randperm(num_pages - 1, generator=torch.Generator().manual_seed(0)) + 1
+    for i, (_, _, slot) in enumerate(lanes):
+        if slot:
+            table[i] = perm[(slot - 1) * 10:slot * 10] if not window else 0
+    host = {"seq_lens": torch.tensor([n for n, _, _ in lanes], dtype=torch.int32),
+            "cached_lens": torch.tensor([c for _, c, _ in lanes], dtype=torch.int32),
+            "slots": torch.tensor([s for _, _, s in lanes], dtype=torch.int32), "page_table": table}
+    T = int(host["seq_lens"].sum())
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (torch.randn(1, T, h, d, generator=g, device="cuda", dtype=torch.bfloat16) for h in (hq, hkv, hkv))
+    k_cache = torch.randn(num_pages, page, hkv, d, generator=g, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    meta = prepare_attention_metadata(torch.zeros(1, T, dtype=torch.long, device="cuda"),
+                                      *(host[n].cuda() for n in ("seq_lens", "cached_lens", "slots", "page_table")),
+                                      page, window, ring)
+    spec = fa.AttentionPlanSpec(page, window, ring, window, d ** -0.5, 0.0, hq, hkv, d, torch.bfloat16)
+    plan = fa.PLANS[-1] = fa.AttentionPlan(spec, len(lanes), 10, "cuda")  # held by `plan`
+    plan.plan(host, captured=False)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    got = torch.ops.autodeploy.flashinfer_cached_attention(q, k, v, kc, vc, *meta, d ** -0.5, window, 0.0, None, -1)
+    ref = torch.ops.autodeploy.torch_cached_attention(q, k, v, k_cache, v_cache, *meta, d ** -0.5, window, 0.0, None)
+    assert torch.equal(kc, k_cache) and torch.equal(vc, v_cache)  # the same writes
+    err = (got.float() - ref.float()).abs().max() / ref.float().abs().max()
+    assert err < 2e-2, err
+
+
+@pytest.mark.parametrize("name", ["bench-swa-0.7b", "bench-hybrid-0.6b"])
+def test_flashinfer_model_logits_near_float32_torch(name):
+    """A 1500-token prompt in 512-token chunks (the 1024-key window slides over the rings): the
+    flashinfer backend (bf16) gives the float32 torch backend's last-token logits within 5e-2 x max."""
+    _need_flashinfer()
+    model = build_model(name).cuda()
+    ids = prompts(model.config.vocab_size, lens=(1500,))[0]["prompt_token_ids"]
+    opts = dict(max_batch_size=2, max_seq_len=1600, max_num_tokens=512, page_size=16, device="cuda")
+    chunks = [ids[i:i + 512] for i in range(0, 1500, 512)]
+
+    def last_logits(llm):
+        pages = list(range(1, 101))
+        for i, chunk in enumerate(chunks):
+            out = llm.engine.runner.run([LaneInput(chunk, 512 * i, 1, pages)])
+        return out[-1].float()
+
+    ref = last_logits(LLM(model, attn_backend="torch", ssm_backend="torch", **opts))
+    fast = LLM(build_model(name), attn_backend="flashinfer", ssm_backend="triton", dtype="bfloat16", **opts)
+    got = last_logits(fast)
+    assert (got - ref).abs().max() <= 5e-2 * ref.abs().max()
+
+
+def test_flashinfer_cuda_graphs_plan_every_replay():
+    """Captured decode and verify steps with flashinfer (planned on the host before each replay)
+    give the logits of the eager Triton backend on the same steps, within bf16 noise."""
+    _need_flashinfer()
+    model = build_model("bench-swa-0.7b", dtype=torch.bfloat16, device="cuda")
+    opts = dict(max_batch_size=4, max_seq_len=1600, max_num_tokens=256, page_size=16, device="cuda",
+                dtype="bfloat16", speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    graphed = LLM(model, attn_backend="flashinfer", compile_mode="cudagraph", **opts)
+    eager = LLM(model, attn_backend="triton", **opts)
+    g = torch.Generator().manual_seed(3)
+    prompts_ = [torch.randint(0, 32000, (n,), generator=g).tolist() for n in (1100, 200, 37)]
+    pages = [list(range(1 + 80 * i, 81 + 80 * i)) for i in range(3)]
+    steps = []
+    for i, p in enumerate(prompts_):  # prefill in 256-token chunks
+        steps += [[LaneInput(p[s:s + 256], s, i + 1, pages[i])] for s in range(0, len(p), 256)]
+    lens = [len(p) for p in prompts_]
+    for t in range(6):  # decode steps, every other one a verify step (1 + 3 tokens) for lane 0
+        verify = t % 2 == 1
+        steps.append([LaneInput([5, 6, 7, 8] if verify and i == 0 else [9], lens[i] + t * 4, i + 1, pages[i],
+                                verify=verify and i == 0) for i in range(3)])
+    for lanes in steps:
+        got, ref = graphed.engine.runner.run(lanes).float(), eager.engine.runner.run(lanes).float()
+        assert (got - ref).abs().max() <= 5e-2 * ref.abs().max()
+    assert graphed.engine.runner.num_replays >= 6

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["prepare_attention_metadata", "prepare_ssm_metadata", "swa_ring_pages"]
+__all__ = ["prepare_attention_metadata", "prepare_ssm_metadata", "prepare_logit_rows", "logit_row_counts", "swa_ring_pages"]
 
 
 def swa_ring_pages(window: int, max_num_tokens: int, page_size: int) -> int:
@@ -61,7 +61,7 @@ def prepare_attention_metadata(
     logical_page, offset = pos // page_size, pos % page_size
     kv_len = cached + seq_lens.long()
     if window <= 0:
-        table = page_table.long()
+        table = page_table.to(torch.long, memory_format=torch.contiguous_format)
         phys = table[lane, logical_page]
         kv_start = torch.zeros_like(kv_len)
         page_list = table
@@ -106,3 +106,34 @@ def _(input_ids, seq_lens, cached_lens, accepted_lens, verify):
     B = seq_lens.shape[0]
     return (seq_lens.new_empty(B + 1, dtype=torch.int64), seq_lens.new_empty(B, dtype=torch.bool),
             seq_lens.new_empty(B, dtype=torch.int64), seq_lens.new_empty(B, dtype=torch.bool))
+
+
+def logit_row_counts(seq_lens: torch.Tensor, verify: torch.Tensor) -> torch.Tensor:
+    """Per lane, how many rows of logits the engine reads: every token of a verify lane (1 + K
+    draft positions), the last token of any other lane with tokens."""
+    n = seq_lens.long()
+    return torch.where(verify, n, (n > 0).long())
+
+
+@torch.library.custom_op("autodeploy::prepare_logit_rows", mutates_args=())
+def prepare_logit_rows(input_ids: torch.Tensor, seq_lens: torch.Tensor, verify: torch.Tensor,
+                       rows_per_lane: int) -> torch.Tensor:
+    """Token rows whose logits the step returns, lane after lane (see ``logit_row_counts``):
+    [min(T, lanes * rows_per_lane)] int64, where rows_per_lane = 1 + the most draft tokens a verify
+    lane carries. Entries past the used rows are padding and point at row 0 (computed, ignored)."""
+    used = logit_row_counts(seq_lens, verify)
+    first = torch.cumsum(seq_lens.long(), 0) - used  # each lane's first returned token
+    cu_used = torch.cumsum(used, 0)
+    lanes, num_tokens = seq_lens.shape[0], input_ids.shape[-1]
+    r = torch.arange(min(num_tokens, lanes * rows_per_lane), device=seq_lens.device)
+    lane = torch.searchsorted(cu_used, r, right=True)
+    valid = lane < lanes
+    lane = torch.where(valid, lane, 0)  # padding rows: lane 0's arithmetic, then masked to row 0
+    rows = first[lane] + r - (cu_used[lane] - used[lane])
+    return torch.where(valid, rows, 0)
+
+
+@prepare_logit_rows.register_fake
+def _(input_ids, seq_lens, verify, rows_per_lane):
+    return input_ids.new_empty(torch.sym_min(input_ids.shape[-1], seq_lens.shape[0] * rows_per_lane),
+                               dtype=torch.int64)

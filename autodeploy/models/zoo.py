@@ -126,9 +126,22 @@ def _bench_hybrid_06b() -> Any:
     )
 
 
+def _bench_swa_07b() -> Any:
+    """A Gemma3-style sliding-window model of similar size: 5 sliding (W=1024) : 1 full layers,
+    0.71 B parameters, for the sliding-window memory and decode benchmarks."""
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(
+        vocab_size=32000, hidden_size=2048, intermediate_size=4096, num_hidden_layers=18,
+        num_attention_heads=16, num_key_value_heads=4, head_dim=128, sliding_window=1024,
+        layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3, max_position_embeddings=131072,
+    )
+
+
 # benchmark-sized models: GPU only, never in the CPU test matrix
 BENCH: dict[str, tuple[Callable[[], Any], str]] = {
     "bench-hybrid-0.6b": (_bench_hybrid_06b, "NemotronHForCausalLM"),
+    "bench-swa-0.7b": (_bench_swa_07b, "Gemma3ForCausalLM"),
 }
 
 

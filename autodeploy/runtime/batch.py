@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from autodeploy.cache_spec import STEP_INPUTS
@@ -26,20 +27,38 @@ class LaneInput:
     verify: bool = False  # tokens are [last token, drafts...]: SSM state kept, inputs stored for replay
 
 
+def logit_rows(lanes: list[LaneInput]) -> list[int]:
+    """The token rows of a step whose logits the engine reads, lane after lane: every token of a
+    verify lane, the last token of any other lane (the graph's ``prepare_logit_rows`` computes the
+    same list on the device)."""
+    rows, start = [], 0
+    for lane in lanes:
+        n = len(lane.tokens)
+        rows += range(start, start + n) if lane.verify else ([start + n - 1] if n else [])
+        start += n
+    return rows
+
+
 class BatchInputs:
     """Persistent input buffers; ``fill`` writes one step's lanes and returns the graph inputs."""
 
     def __init__(self, max_batch_size: int, max_num_tokens: int, max_pages_per_seq: int, device="cpu"):
         self.max_batch_size, self.max_num_tokens = max_batch_size, max_num_tokens
         lanes = max_batch_size + 1  # the last one pads steps to a captured size
-        self.input_ids = torch.zeros(1, max_num_tokens, dtype=torch.long, device=device)
-        self.position_ids = torch.zeros(1, max_num_tokens, dtype=torch.long, device=device)
-        self.seq_lens = torch.zeros(lanes, dtype=torch.int32, device=device)
-        self.cached_lens = torch.zeros(lanes, dtype=torch.int32, device=device)
-        self.slots = torch.zeros(lanes, dtype=torch.int32, device=device)
-        self.page_table = torch.zeros(lanes, max_pages_per_seq, dtype=torch.int32, device=device)
-        self.accepted_lens = torch.zeros(lanes, dtype=torch.int32, device=device)
-        self.verify = torch.zeros(lanes, dtype=torch.bool, device=device)
+        device = torch.device(device)
+        pin = device.type == "cuda"
+        # three device buffers (token ids + positions; every int32 lane fact and the page table; the
+        # verify flags), each filled from a host staging copy in one transfer; the graph inputs are views
+        self._tokens_host = torch.zeros(2, max_num_tokens, dtype=torch.long, pin_memory=pin)
+        self._ints_host = torch.zeros(4 + max_pages_per_seq, lanes, dtype=torch.int32, pin_memory=pin)
+        self._verify_host = torch.zeros(lanes, dtype=torch.bool, pin_memory=pin)
+        self._tokens, self._ints = self._tokens_host.to(device), self._ints_host.to(device)
+        self.verify = self._verify_host.to(device)
+        self.input_ids, self.position_ids = self._tokens[0:1], self._tokens[1:2]
+        self.seq_lens, self.cached_lens, self.slots, self.accepted_lens = self._ints[:4]
+        self.page_table = self._ints[4:].T  # [lanes, max_pages_per_seq]
+        self._copied = torch.cuda.Event() if pin else None  # staging is reused once the last copy is done
+        self.host: dict[str, torch.Tensor] = {}  # the last step's raw inputs on the host, for host halves
 
     def fill(self, lanes: list[LaneInput], pad_to: int | None = None) -> dict[str, torch.Tensor]:
         """Write the lanes into the buffers; returns the step's graph inputs by name (STEP_INPUTS).
@@ -58,18 +77,29 @@ class BatchInputs:
         ids += [0] * (total - T)
         pos += range(total - T)
         num_lanes, width = self.page_table.shape
-        lane_facts = torch.zeros(5, num_lanes, dtype=torch.int32)
-        table = torch.zeros(num_lanes, width, dtype=torch.int32)
+        facts = np.zeros((4, num_lanes), dtype=np.int32)
+        table = np.zeros((num_lanes, width), dtype=np.int32)
+        verify = np.zeros(num_lanes, dtype=bool)
         for i, lane in enumerate(lanes):
-            lane_facts[:, i] = torch.tensor([len(lane.tokens), lane.cached_len, lane.slot, lane.accepted, lane.verify])
+            facts[:, i] = (len(lane.tokens), lane.cached_len, lane.slot, lane.accepted)
+            verify[i] = lane.verify
             if lane.pages:
-                table[i, : len(lane.pages)] = torch.tensor(lane.pages, dtype=torch.int32)
-        lane_facts[0, -1] = total - T  # the padding lane: null slot, null pages, from position 0
-        self.input_ids[0, :total].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
-        self.position_ids[0, :total].copy_(torch.tensor(pos, dtype=torch.long), non_blocking=True)
-        for buf, row in zip((self.seq_lens, self.cached_lens, self.slots, self.accepted_lens), lane_facts[:4]):
-            buf.copy_(row, non_blocking=True)
-        self.verify.copy_(lane_facts[4].bool(), non_blocking=True)
-        self.page_table.copy_(table, non_blocking=True)
+                table[i, :len(lane.pages)] = lane.pages
+        facts[0, -1] = total - T  # the padding lane: null slot, null pages, from position 0
+        if self._copied is not None:
+            self._copied.synchronize()
+        self._tokens_host[0, :total] = torch.tensor(ids, dtype=torch.long)
+        self._tokens_host[1, :total] = torch.tensor(pos, dtype=torch.long)
+        self._ints_host[:4] = torch.from_numpy(facts)
+        self._ints_host[4:] = torch.from_numpy(table.T)
+        self._verify_host[:] = torch.from_numpy(verify)
+        self._tokens[:, :total].copy_(self._tokens_host[:, :total], non_blocking=True)
+        self._ints.copy_(self._ints_host, non_blocking=True)
+        self.verify.copy_(self._verify_host, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        host = self._ints_host.clone()  # host halves read these after the staging is reused
+        self.host = dict(zip(("seq_lens", "cached_lens", "slots", "accepted_lens"), host[:4]),
+                         verify=self._verify_host.clone(), page_table=host[4:].T)
         raw = (self.seq_lens, self.cached_lens, self.slots, self.page_table, self.accepted_lens, self.verify)
         return dict(zip(STEP_INPUTS, (self.input_ids[:, :total], self.position_ids[:, :total], *raw)))

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections import deque
+import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -71,6 +72,9 @@ class Engine:
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0
+        # seconds spent per part of step(): schedule, draft, run (runner: input prep, plans and the
+        # graph launch), sync (waiting for the device: the argmax read back), post (accept, stop checks)
+        self.timings: Counter = Counter()
 
     # -- requests --------------------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams) -> int:
@@ -154,31 +158,37 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[Request]:
         """Run one step; returns the requests that finished in it."""
+        t0 = time.perf_counter()
         lanes, room = self._schedule()
         if not lanes:
             if self.waiting:  # admission checks make this impossible; never spin silently
                 raise RuntimeError(f"scheduler stalled: {len(self.waiting)} waiting, {self.pools.pages.num_free} "
                                    f"free pages, {self.pools.slots.num_free} free slots")
             return []
+        t1 = time.perf_counter()
         drafts = self._drafts(lanes, room)
         lane_inputs = [
             LaneInput(req.tokens[req.num_cached:req.num_cached + n] + (drafts[i].tokens if i in drafts else []),
                       req.num_cached, req.slot, req.pages, accepted=req.accepted, verify=i in drafts)
             for i, (req, n) in enumerate(lanes)
         ]
+        t2 = time.perf_counter()
         logits = self.runner.run(lane_inputs)
+        t3 = time.perf_counter()
         self.num_steps += 1
-        # the rows whose logits are used: every row of a verify lane, the last row of a lane that
-        # completes its sequence; their argmax in one device sync
+        # logits hold logit_rows(lane_inputs): all rows of a verify lane, the last row of any other;
+        # the argmax of those that are used, in one device sync
         starts, used = [0], []
         for lane in lane_inputs[:-1]:
-            starts.append(starts[-1] + len(lane.tokens))
+            starts.append(starts[-1] + (len(lane.tokens) if lane.verify else 1))
         for (req, n), lane, start in zip(lanes, lane_inputs, starts):
             if lane.verify:
                 used += range(start, start + len(lane.tokens))
             elif req.num_cached + n == len(req.tokens):
-                used.append(start + n - 1)
+                used.append(start)
         argmax = dict(zip(used, logits[used].argmax(-1).tolist())) if used else {}
+        t4 = time.perf_counter()
+        self.timings.update(schedule=t1 - t0, draft=t2 - t1, run=t3 - t2, sync=t4 - t3)
         finished = []
         for i, ((req, n), start) in enumerate(zip(lanes, starts)):
             req.accepted = 0
@@ -195,7 +205,7 @@ class Engine:
                 req.num_cached += n
                 if req.num_cached < len(req.tokens):
                     continue  # a prefill chunk: no token to sample yet
-                last = start + n - 1
+                last = start
                 greedy = req.params.temperature == 0
                 new_tokens = [argmax[last] if greedy else sample(logits[last], req.params, req.generator)]
             for token in new_tokens:
@@ -207,6 +217,7 @@ class Engine:
                     break
         if self.checked:
             self.check_accounting()
+        self.timings["post"] += time.perf_counter() - t4
         return finished
 
     def check_accounting(self) -> None:

@@ -1,7 +1,8 @@
 """GraphRunner: one cached graph with its cache pools and input buffers; runs lanes.
 
 The engine (and a draft model's drafter) hand it lanes; it writes the raw inputs, passes the
-cache tensors by name, and returns the logits of every token of the step. Nothing derived is
+cache tensors by name, and returns the logits of the rows the engine reads (``batch.logit_rows``:
+the last token of each lane, every token of a verify lane). Nothing derived is
 computed here: the graph's prepare nodes do that.
 
 Compile modes (AutoDeploy's names in brackets): ``eager`` (torch-simple) runs the GraphModule;
@@ -22,7 +23,7 @@ from torch.fx import GraphModule
 
 from autodeploy.cache_spec import CacheSpec
 from autodeploy.fx_utils import placeholder_names
-from autodeploy.runtime.batch import BatchInputs, LaneInput
+from autodeploy.runtime.batch import BatchInputs, LaneInput, logit_rows
 from autodeploy.runtime.poison import PoolPoisoner, poison_step
 from autodeploy.runtime.pools import CachePools, PoolSizes
 
@@ -39,6 +40,22 @@ def default_capture_sizes(max_batch_size: int, max_draft_tokens: int, max_num_to
     return sorted(sizes)
 
 
+def host_halves(gm: GraphModule, sizes: PoolSizes, device) -> list:
+    """The host halves the graph's nodes declare (flashinfer's ``plan()``), one per plan id: they
+    run before every step, on every path (eager, warm-up, capture, replay)."""
+    from autodeploy.custom_ops import flashinfer_attention as fa
+
+    ids = sorted({n.args[-1] for n in gm.graph.nodes
+                  if n.op == "call_function" and n.target == torch.ops.autodeploy.flashinfer_cached_attention.default})
+    specs = gm.meta.get("autodeploy_attention_plans", {})
+    halves = []
+    for plan_id in ids:
+        half = fa.AttentionPlan(specs[plan_id], sizes.max_batch_size + 1, sizes.max_pages_per_seq, device)
+        fa.PLANS[plan_id] = half  # the op finds its host half by id; the runner keeps it alive
+        halves.append(half)
+    return halves
+
+
 class GraphRunner:
     def __init__(self, gm: GraphModule, sizes: PoolSizes, device: torch.device | str = "cpu",
                  compile_mode: str = "eager", capture_sizes: list[int] | None = None):
@@ -47,6 +64,9 @@ class GraphRunner:
         self.pools = CachePools(specs, sizes, device)
         self.inputs = BatchInputs(sizes.max_batch_size, sizes.max_num_tokens, sizes.max_pages_per_seq, device)
         self.input_names = placeholder_names(gm)
+        self.timings: dict[str, float] = {"fill": 0.0, "plan": 0.0, "launch": 0.0}  # host seconds per part of run()
+        self.gathers_rows = bool(gm.meta.get("autodeploy_logit_rows"))  # the graph returns only those rows
+        self.host_halves = host_halves(gm, sizes, device)
         self.num_runs = self.num_replays = 0
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile mode {compile_mode!r} unknown; known: {sorted(COMPILE_MODES)}")
@@ -61,6 +81,11 @@ class GraphRunner:
             if not str(device).startswith("cuda"):
                 raise ValueError(f"compile mode {compile_mode!r} captures CUDA graphs: it needs device 'cuda'")
             self.capture(capture_sizes or default_capture_sizes(sizes.max_batch_size, 0, sizes.max_num_tokens))
+
+    def _plan(self, captured: bool) -> None:
+        """Run the host halves of the graph's prepare work for the step just filled in."""
+        for half in self.host_halves:
+            half.plan(self.inputs.host, captured)
 
     def _args(self, by_name: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         by_name.update(self.pools.tensors)
@@ -81,6 +106,7 @@ class GraphRunner:
         stream = torch.cuda.Stream()
         for count in sorted(set(token_counts), reverse=True):
             args = self._args(self.inputs.fill([], pad_to=count))
+            self._plan(captured=True)
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm-up: compiles kernels, settles allocations
@@ -97,27 +123,41 @@ class GraphRunner:
 
     @torch.no_grad()
     def run(self, lanes: list[LaneInput]) -> torch.Tensor:
-        """Run one step over ``lanes``; returns logits [tokens of the step, vocab]."""
+        """Run one step over ``lanes``; returns logits [rows, vocab] of ``logit_rows(lanes)``."""
         tokens = sum(len(lane.tokens) for lane in lanes)
+        rows = logit_rows(lanes)
         self.num_runs += 1
         size = min((s for s in self.graphs if s >= tokens), default=None)
+        t0 = time.perf_counter()
         args = self._args(self.inputs.fill(lanes, pad_to=size))  # a captured graph reads these very buffers
+        t1 = time.perf_counter()
+        self._plan(captured=size is not None)
+        t2 = time.perf_counter()
         if self.poison:
             poison_step(self, lanes, dict(zip(self.input_names, args)))
         if size is None:
-            return self.fn(*args)[0]
-        graph, out = self.graphs[size]
-        if self.poison:
-            if self._pool_poisoner is None:
-                self._pool_poisoner = PoolPoisoner(self._pool, out.device)
-            self._pool_poisoner()
-        graph.replay()
-        self.num_replays += 1
-        return out[0, :tokens].clone()
+            out = self.fn(*args)
+        else:
+            out = self.graphs[size][1]
+            if self.poison:
+                if self._pool_poisoner is None:
+                    self._pool_poisoner = PoolPoisoner(self._pool, out.device)
+                self._pool_poisoner()
+            self.graphs[size][0].replay()
+            self.num_replays += 1
+        self.timings["fill"] += t1 - t0
+        self.timings["plan"] += t2 - t1
+        self.timings["launch"] += time.perf_counter() - t2
+        if self.gathers_rows:
+            logits = out[0, :len(rows)]
+        else:
+            logits = out[0, torch.tensor(rows, device=out.device)]
+        return logits.clone() if size is not None else logits
 
     def run_in_batches(self, lanes: list[LaneInput]) -> list[torch.Tensor]:
         """Run ``lanes`` in as many steps as the lane and token limits need (each lane must fit a
-        step on its own); returns each lane's logits [its tokens, vocab], in order."""
+        step on its own); returns each lane's logits [its rows, vocab] (its last token; every token of
+        a verify lane), in order."""
         out: list[torch.Tensor] = []
         start = 0
         while start < len(lanes):
@@ -132,7 +172,8 @@ class GraphRunner:
             logits = self.run(lanes[start:end])
             offset = 0
             for lane in lanes[start:end]:
-                out.append(logits[offset:offset + len(lane.tokens)])
-                offset += len(lane.tokens)
+                n = len(logit_rows([lane]))
+                out.append(logits[offset:offset + n])
+                offset += n
             start = end
         return out

@@ -13,7 +13,8 @@ After (one prepare node per pool, shared by the layers that use it)::
 Full-attention layers (W = 0) share the paged pool addressed by ``page_table``; sliding-window
 layers with window W use a pool of per-slot rings bounded by W and the step's token budget, not by
 the sequence length. Raw inputs and caches become graph inputs; specs go to
-``gm.meta["autodeploy_caches"]``.
+``gm.meta["autodeploy_caches"]``. The flashinfer op takes one argument more, the id of its host half
+(``plan()``), whose spec goes to ``gm.meta["autodeploy_attention_plans"]``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch.fx import GraphModule
 
 from autodeploy.backends import cached_op
 from autodeploy.cache_spec import POOL_FULL, RAW_INPUTS, CacheSpec, swa_pool
+from autodeploy.custom_ops.flashinfer_attention import AttentionPlanSpec, new_plan_id
 from autodeploy.custom_ops.prepare_metadata import swa_ring_pages
 from autodeploy.fx_utils import graph_input, op_kwargs, op_nodes
 from autodeploy.transforms.base import Transform, TransformConfig, TransformInfo
@@ -59,6 +61,9 @@ class InsertCachedAttention(Transform):
         raw = {name: graph_input(gm, name) for name in RAW_INPUTS}
         specs: list[CacheSpec] = gm.meta.setdefault("autodeploy_caches", [])
         prepared: dict[int, list[torch.fx.Node]] = {}
+        ring_pages_of: dict[int, int] = {}
+        plans = gm.meta.setdefault("autodeploy_attention_plans", {}) if cfg.backend == "flashinfer" else None
+        plan_ids: dict[AttentionPlanSpec, int] = {}
         export_meta = gm.meta.get("autodeploy")
         full_pages = -(-export_meta.max_seq_len // cfg.page_size) if export_meta is not None else None
         for index, node in enumerate(nodes):
@@ -81,6 +86,7 @@ class InsertCachedAttention(Transform):
             with graph.inserting_before(node):
                 if window not in prepared:
                     ring = swa_ring_pages(window, cfg.max_num_tokens, cfg.page_size) if window > 0 else 0
+                    ring_pages_of[window] = ring
                     prep = graph.call_function(PREPARE, (
                         input_ids, *(raw[n] for n in ("seq_lens", "cached_lens", "slots", "page_table")),
                         cfg.page_size, window, ring))
@@ -90,6 +96,16 @@ class InsertCachedAttention(Transform):
                     cached_attention,
                     (kw["q"], kw["k"], kw["v"], *caches, *meta, kw["scale"], op_window, kw["soft_cap"], kw["sinks"]),
                 )
+            if plans is not None:  # flashinfer: one more argument, the id of the host half that plans it
+                spec = AttentionPlanSpec(cfg.page_size, window, ring_pages_of[window], op_window, float(kw["scale"]),
+                                         float(kw["soft_cap"]), kw["q"].meta["val"].shape[2], hkv, head_dim,
+                                         k_val.dtype)
+                if kw["sinks"] is not None:
+                    raise ValueError(f"{self.name}: the flashinfer backend does not take attention sinks "
+                                     f"({node.name}); use attn_backend='triton'")
+                plan_id = plan_ids.setdefault(spec, new_plan_id())
+                plans[plan_id] = spec
+                cached.args = (*cached.args, plan_id)
             cached.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack")})
             node.replace_all_uses_with(cached)
             graph.erase_node(node)

@@ -20,6 +20,19 @@ logger = logging.getLogger("autodeploy.transforms")
 
 DEFAULT_PIPELINE: tuple[str, ...] = ("match_attention",)
 CACHED_PIPELINE: tuple[str, ...] = ("match_attention", "insert_cached_attention", "insert_cached_ssm")
+# the graph rewrites a serving engine wants (each switchable in DeployConfig.perf_transforms), and
+# where they go: the pattern matchers before the caches, the logits gather after
+PERF_TRANSFORMS: tuple[str, ...] = ("match_rope", "match_rms_norm", "fuse_projections", "match_gated_activation",
+                                    "gather_logits")
+
+
+def cached_pipeline(perf: dict[str, bool] | None = None, checked: bool = False) -> tuple[str, ...]:
+    """The cached pipeline with the performance transforms switched on in ``perf`` (default: all)."""
+    on = [name for name in PERF_TRANSFORMS if (perf or {}).get(name, True)]
+    before = tuple(n for n in on if n != "gather_logits")
+    after = tuple(n for n in on if n == "gather_logits")
+    return ("match_attention", *before, "insert_cached_attention", "insert_cached_ssm", *after,
+            *(("insert_index_checks",) if checked else ()))
 
 
 def check_order(names: Sequence[str]) -> None:

@@ -1,0 +1,38 @@
+"""Gated MLP activation as one op: ``autodeploy::gated_activation(gate, up, activation)``.
+
+``act(gate) * up`` for SiLU (Llama's SwiGLU) and GELU (exact or tanh-approximated, Gemma's
+GeGLU). With fused gate/up projections both operands are column slices of one GEMM output; the
+Triton kernel reads them through their strides, so nothing is copied.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["gated_activation", "gated_activation_reference", "ACTIVATIONS"]
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
+def gated_activation_reference(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "silu":
+        return F.silu(gate) * up
+    if activation in ("gelu", "gelu_tanh"):
+        return F.gelu(gate, approximate="tanh" if activation == "gelu_tanh" else "none") * up
+    raise ValueError(f"unknown activation {activation!r}; known: {ACTIVATIONS}")
+
+
+@torch.library.custom_op("autodeploy::gated_activation", mutates_args=())
+def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """``act(gate) * up`` elementwise; gate and up have the same shape."""
+    if gate.is_cuda:
+        from autodeploy.custom_ops.triton_gated_activation import triton_gated_activation
+
+        return triton_gated_activation(gate, up, activation)
+    return gated_activation_reference(gate, up, activation)
+
+
+@gated_activation.register_fake
+def _(gate, up, activation):
+    return torch.empty_like(gate * up, memory_format=torch.contiguous_format)

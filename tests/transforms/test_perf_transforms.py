@@ -1,0 +1,123 @@
+"""The performance transforms, one at a time and all together, on every zoo model: what each
+matched (as many as the model has layers with the pattern, nothing left over) and the logits
+against the untransformed graph (float32)."""
+
+import pytest
+import torch
+
+from autodeploy import export_model
+from autodeploy.models import build_model, zoo_names
+from autodeploy.transforms import run_pipeline
+
+from helpers import attention_layers, op_counts
+
+aten = torch.ops.aten
+ops = torch.ops.autodeploy
+ATOL = 1e-5  # float32; the fused ops repeat transformers' arithmetic
+LENGTH = 29
+
+
+def _exported(name):
+    model = build_model(name)
+    gm = export_model(model, max_seq_len=64)
+    ids = torch.randint(0, model.config.vocab_size, (1, LENGTH), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(LENGTH)[None]
+    with torch.no_grad():
+        ref = gm(ids, pos)[0]
+    return model, gm, ids, pos, ref
+
+
+def _check_logits(gm, ids, pos, ref):
+    with torch.no_grad():
+        got = gm(ids, pos)[0]
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=ATOL)
+
+
+def _modules(model, suffix):
+    return sum(type(m).__name__.endswith(suffix) for m in model.modules())
+
+
+def _uses_rope(model) -> bool:
+    return any("rotary" in name for name, _ in model.named_modules())
+
+
+@pytest.mark.parametrize("name", zoo_names())
+def test_match_rope(name):
+    model, gm, ids, pos, ref = _exported(name)
+    info = run_pipeline(gm, ["match_attention", "match_rope"])[1]
+    counts = op_counts(gm)
+    expected = attention_layers(model) if _uses_rope(model) else 0
+    assert info.num_matches == counts[ops.rope.default] == expected
+    assert info.details["unmatched"] == 0
+    assert counts[aten.cos.default] == counts[aten.sin.default] == 0  # the per-step cos/sin are gone
+    _check_logits(gm, ids, pos, ref)
+
+
+@pytest.mark.parametrize("name", zoo_names())
+def test_match_rms_norm(name):
+    model, gm, ids, pos, ref = _exported(name)
+    norms = _modules(model, "RMSNorm") + _modules(model, "RMSNormGated") - _modules(model, "RMSNormGatedGated")
+    info = run_pipeline(gm, ["match_attention", "match_rms_norm"])[1]
+    counts = op_counts(gm)
+    assert info.num_matches == counts[ops.rms_norm.default] + counts[ops.fused_add_rms_norm.default] == norms
+    assert info.details["unmatched_rsqrt"] == 0 and counts[aten.rsqrt.default] == 0
+    assert counts[ops.fused_add_rms_norm.default] > 0  # every zoo model has residual adds before norms
+    _check_logits(gm, ids, pos, ref)
+
+
+def _linears_sharing_an_input(gm):
+    readers = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target == aten.linear.default:
+            readers.setdefault(n.args[0], []).append(n)
+    return [v for v in readers.values() if len(v) > 1]
+
+
+@pytest.mark.parametrize("name", zoo_names())
+def test_fuse_projections(name):
+    model, gm, ids, pos, ref = _exported(name)
+    gated_mlps = sum(hasattr(m, "gate_proj") and hasattr(m, "up_proj") for m in model.modules())
+    params_before = sum(p.numel() for p in gm.parameters())
+    linears_before = op_counts(gm)[aten.linear.default]
+    info = run_pipeline(gm, ["match_attention", "fuse_projections"])[1]
+    assert info.num_matches == attention_layers(model) + gated_mlps
+    assert not _linears_sharing_an_input(gm)
+    assert op_counts(gm)[aten.linear.default] == linears_before - sum(n - 1 for n in info.details["fused"])
+    assert sum(p.numel() for p in gm.parameters()) == params_before  # concatenated, not copied
+    _check_logits(gm, ids, pos, ref)
+
+
+@pytest.mark.parametrize("name", zoo_names())
+def test_match_gated_activation(name):
+    model, gm, ids, pos, ref = _exported(name)
+    gated_mlps = sum(hasattr(m, "gate_proj") and hasattr(m, "up_proj") for m in model.modules())
+    infos = run_pipeline(gm, ["match_attention", "match_rms_norm", "match_gated_activation"])
+    counts = op_counts(gm)
+    assert infos[2].num_matches == counts[ops.gated_activation.default] == gated_mlps
+    assert counts[aten.silu.default] == counts[aten.gelu.default] == 0
+    _check_logits(gm, ids, pos, ref)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "hybrid"])
+def test_all_perf_transforms_then_fewer_nodes(name):
+    model, gm, ids, pos, ref = _exported(name)
+    before = len(gm.graph.nodes)
+    run_pipeline(gm, ["match_attention", "match_rope", "match_rms_norm", "fuse_projections", "match_gated_activation"])
+    assert len(gm.graph.nodes) < 0.75 * before
+    _check_logits(gm, ids, pos, ref)
+
+
+def test_fuse_projections_keeps_tied_weights():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 4, bias=False)
+
+        def forward(self, x):
+            return self.a(x) + torch.nn.functional.linear(self.a(x), self.a.weight) + self.b(x).sum()
+
+    gm = torch.export.export(Tied(), (torch.randn(3, 8),)).module()
+    x = torch.randn(3, 8)
+    ref = gm(x)
+    run_pipeline(gm, ["fuse_projections"])
+    torch.testing.assert_close(gm(x), ref)
