@@ -92,7 +92,7 @@ def _cached_ssd_scan_kernel(
     replay_capacity, dt_min, dt_max, chunked_min_tokens,
     HEADS_PER_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_STATE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, CHUNKED: tl.constexpr,
 ):
     lane = tl.program_id(0)
     head = tl.program_id(1)
@@ -103,6 +103,13 @@ def _cached_ssd_scan_kernel(
     continues = tl.load(has_state_ptr + lane) != 0
     verify = tl.load(is_verify_ptr + lane) != 0
     replay = tl.minimum(tl.load(replay_lens_ptr + lane), replay_capacity)  # capacity 0: no buffers
+    # Two compiled variants share the launch: CHUNKED serves the lanes of at least chunked_min_tokens
+    # tokens, the other the rest; a program whose lane is the other variant's does nothing (it
+    # sees an empty lane), so the decode variant is not burdened by the chunked path's registers.
+    mine = (end - start >= chunked_min_tokens) == CHUNKED
+    end = tl.where(mine, end, start)
+    replay = tl.where(mine, replay, 0)
+    continues = continues & mine
 
     offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
@@ -136,7 +143,7 @@ def _cached_ssd_scan_kernel(
     # A verify lane keeps this (replayed) state as the slot's committed one.
     tl.store(state_ptrs, state, mask=(offs_p < replayed_rows)[:, None] & n_ok[None, :])
 
-    if end - start >= chunked_min_tokens:
+    if CHUNKED:
         # Chunked SSD form, BLOCK_T tokens at a time. Rows past the lane's end load x = B = C = 0
         # and dt = 0 (no decay), so they change neither the outputs nor the state.
         offs_t = tl.arange(0, BLOCK_T)
@@ -288,17 +295,18 @@ def triton_cached_ssd_scan(
     block_n = max(16, triton.next_power_of_2(n))
     block_t = max(16, min(_MAX_CHUNK_TILE, triton.next_power_of_2(chunk_size)))
 
-    _cached_ssd_scan_kernel[(lanes, h, triton.cdiv(p, block_p))](
-        x0, dt0, A, B0, C0, D if D is not None else A, dt_bias if dt_bias is not None else A, y0, ssm_state,
-        rx, rdt, rB,
-        slots, cu_seqlens, has_state_u8, replay_lens, is_verify_u8,
-        *x_s, *dt_s, *B_s, *C_s, *y_s, *ssm_state.stride(), *rx_s, *rdt_s, *rB_s,
-        capacity, float(dt_min), float(dt_max), CHUNKED_MIN_TOKENS,
-        HEADS_PER_GROUP=h // g, HEAD_DIM=p, D_STATE=n,
-        BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_T=block_t,
-        HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),
-        num_warps=_NUM_WARPS,
-    )
+    for chunked in (False, True):  # the recurrent (decode, verify, short) lanes, then the long ones
+        _cached_ssd_scan_kernel[(lanes, h, triton.cdiv(p, block_p))](
+            x0, dt0, A, B0, C0, D if D is not None else A, dt_bias if dt_bias is not None else A, y0, ssm_state,
+            rx, rdt, rB,
+            slots, cu_seqlens, has_state_u8, replay_lens, is_verify_u8,
+            *x_s, *dt_s, *B_s, *C_s, *y_s, *ssm_state.stride(), *rx_s, *rdt_s, *rB_s,
+            capacity, float(dt_min), float(dt_max), CHUNKED_MIN_TOKENS,
+            HEADS_PER_GROUP=h // g, HEAD_DIM=p, D_STATE=n,
+            BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_T=block_t,
+            HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),
+            CHUNKED=chunked, num_warps=_NUM_WARPS,
+        )
     if has_replay and num_tokens:
         _store_verify_inputs_kernel[(lanes, h)](
             x0, dt0, B0, rx, rdt, rB,
