@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_attention_metadata", "check_ssm_metadata"]
+__all__ = ["check_attention_metadata", "check_ssm_metadata", "check_positions"]
 
 
 def _assert(ok: torch.Tensor, message: str) -> None:
@@ -58,3 +58,16 @@ def check_ssm_metadata(
 @check_ssm_metadata.register_fake
 def _(slots, cu_seqlens, replay_lens, is_verify, state, replay_capacity):
     return torch.empty_like(slots), torch.empty_like(replay_lens)
+
+
+@torch.library.custom_op("autodeploy::check_positions", mutates_args=())
+def check_positions(position_ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Every position indexes a row of the rope ``table`` ([positions, rotary_dim])."""
+    _assert(((position_ids >= 0) & (position_ids < table.shape[0])).all(),
+            f"a position is outside the rope tables ({table.shape[0]} positions)")
+    return position_ids.clone()
+
+
+@check_positions.register_fake
+def _(position_ids, table):
+    return torch.empty_like(position_ids)

@@ -2,12 +2,12 @@
 
 Device half: the op writes the step's K/V at ``write_idx`` (from the graph's prepare node, like
 every backend) and runs flashinfer's paged prefill kernel, which serves decode, verify and
-prefill lanes of one step in one launch. Host half: :class:`AttentionPlan` turns the step's raw
-inputs on the host into flashinfer's CSR page lists (the same arithmetic as
-``prepare_attention_metadata``: full pool through the page table, sliding-window rings from the
-window's first page, flashinfer aligning queries to the end of the listed keys) and calls
-``plan()``. The runner builds one plan per ``plan_id`` found on the graph's flashinfer nodes and
-calls them all before every run: eager steps, warm-up, capture and replay.
+prefill lanes of one step in one launch. Host half: :class:`AttentionPlan` runs the graph's own
+``prepare_attention_metadata`` on the step's raw inputs on the host and turns its window starts
+and page lists into flashinfer's CSR page lists (keys from the window's first page on, flashinfer
+aligning queries to the end of the listed keys), then calls ``plan()``. The runner builds one plan
+per ``plan_id`` found on the graph's flashinfer nodes and calls them all before every run: eager
+steps, warm-up, capture and replay.
 
 A captured CUDA graph bakes the wrapper's buffers and schedule in, so plans keep two wrappers: one
 in CUDA-graph mode (fixed lane count, buffers sized for the largest step, planned first at the
@@ -55,27 +55,23 @@ class AttentionPlanSpec:
 
 def csr_page_lists(spec: AttentionPlanSpec, host: dict[str, torch.Tensor]):
     """flashinfer's (qo_indptr, kv_indptr, kv_indices, last_page_len), int32 on the host, from the
-    step's raw inputs: the keys of each lane from its first visible page on."""
-    p = spec.page_size
-    n, cached = host["seq_lens"].long(), host["cached_lens"].long()
-    kv_len = cached + n
-    if spec.pool_window > 0:
-        first = torch.clamp_min(cached - spec.pool_window + 1, 0) // p
-        width = spec.ring_pages
-        steps = torch.arange(width)
-        pages = host["slots"].long()[:, None] * width + (first[:, None] + steps[None, :]) % width
-    else:
-        first = torch.zeros_like(kv_len)
-        pages = host["page_table"].long()
-        width = pages.shape[1]
-    span = kv_len - first * p
+    step's raw inputs: the keys of each lane from its first visible page on. The window starts and
+    page lists come from the graph's own prepare op, run here on the host tensors, so the two
+    halves cannot disagree."""
+    from autodeploy.custom_ops.prepare_metadata import prepare_attention_metadata
+
+    p, n = spec.page_size, host["seq_lens"].long()
+    tokens = torch.empty(1, int(n.sum()), dtype=torch.long)  # only its length is read
+    _, kv_start, kv_len, pages, qo_indptr = prepare_attention_metadata(
+        tokens, host["seq_lens"], host["cached_lens"], host["slots"], host["page_table"], p, spec.pool_window,
+        spec.ring_pages)
+    width = pages.shape[1]
+    span = kv_len - kv_start // p * p  # keys from the first listed page on
     npages = torch.where(n > 0, -(-span // p), 0)  # lanes without queries list no keys
     if int(npages.max()) > width:
         raise ValueError(f"a lane needs {int(npages.max())} pages, more than its page list holds ({width})")
     last = torch.where(npages > 0, span - (npages - 1) * p, 0)
-    zero = torch.zeros(1, dtype=torch.long)
-    qo_indptr = torch.cat([zero, torch.cumsum(n, 0)])
-    kv_indptr = torch.cat([zero, torch.cumsum(npages, 0)])
+    kv_indptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(npages, 0)])
     kv_indices = pages[torch.arange(width)[None, :] < npages[:, None]]
     return (qo_indptr.int(), kv_indptr.int(), kv_indices.int(), last.int())
 

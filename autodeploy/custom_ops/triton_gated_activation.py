@@ -22,7 +22,7 @@ def _tanh(x):
 
 @triton.jit
 def _gated_kernel(gate_ptr, up_ptr, out_ptr, n_cols, stride_g, stride_u, ACT: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * stride passes 2**31 for big steps
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n_cols
     g = tl.load(gate_ptr + row * stride_g + cols, mask=ok, other=0.0).to(tl.float32)

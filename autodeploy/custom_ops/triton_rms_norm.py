@@ -20,7 +20,7 @@ def _rms_norm_kernel(
     GROUP: tl.constexpr, BLOCK: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     CAST_FIRST: tl.constexpr,
 ):
-    row = tl.program_id(0) // groups
+    row = (tl.program_id(0) // groups).to(tl.int64)  # row * n_cols passes 2**31 for big steps
     cols = (tl.program_id(0) % groups) * GROUP + tl.arange(0, BLOCK)
     ok = cols < ((tl.program_id(0) % groups) * GROUP + GROUP)
     offs = row * n_cols + cols

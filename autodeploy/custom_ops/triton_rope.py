@@ -18,7 +18,7 @@ __all__ = ["triton_rope"]
 def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cos_ptr, sin_ptr, hq,
                  sq_t, sq_h, sk_t, sk_h, so_qt, so_qh, so_kt, so_kh,
                  HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    token, head = tl.program_id(0), tl.program_id(1)
+    token, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
     is_q = head < hq
     if is_q:
         src = q_ptr + token * sq_t + head * sq_h
@@ -26,7 +26,7 @@ def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cos_ptr, sin_ptr, hq,
     else:
         src = k_ptr + token * sk_t + (head - hq) * sk_h
         dst = ko_ptr + token * so_kt + (head - hq) * so_kh
-    pos = tl.load(pos_ptr + token)
+    pos = tl.load(pos_ptr + token).to(tl.int64)
     i = tl.arange(0, BLOCK_H)
     ok = i < HALF
     c1 = tl.load(cos_ptr + pos * 2 * HALF + i, mask=ok, other=0.0).to(tl.float32)

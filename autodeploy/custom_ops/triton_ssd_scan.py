@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["triton_cached_ssd_scan", "CHUNKED_MIN_TOKENS"]
+__all__ = ["triton_cached_ssd_scan", "launch_cached_ssd_scan", "CHUNKED_MIN_TOKENS"]
 
 # Lanes with at least this many tokens take the chunked (tl.dot) path, shorter ones the
 # token-by-token recurrence. Read at each call; the choice itself is made per lane on the device.
@@ -79,7 +79,7 @@ def _discretize_dt(raw, dt_ptr, bias, dt_min, dt_max, HAS_DT_BIAS: tl.constexpr,
 def _cached_ssd_scan_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, y_ptr, state_ptr,
     rx_ptr, rdt_ptr, rB_ptr,
-    slots_ptr, cu_seqlens_ptr, has_state_ptr, replay_lens_ptr, is_verify_ptr,
+    slots_ptr, cu_seqlens_ptr, has_state_ptr, replay_lens_ptr, is_verify_ptr, skip_ptr,
     stride_xt, stride_xh, stride_xp,
     stride_dtt, stride_dth,
     stride_bt, stride_bg, stride_bn,
@@ -93,6 +93,7 @@ def _cached_ssd_scan_kernel(
     HEADS_PER_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_STATE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, CHUNKED: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
 ):
     lane = tl.program_id(0)
     head = tl.program_id(1)
@@ -107,6 +108,8 @@ def _cached_ssd_scan_kernel(
     # tokens, the other the rest; a program whose lane is the other variant's does nothing (it
     # sees an empty lane), so the decode variant is not burdened by the chunked path's registers.
     mine = (end - start >= chunked_min_tokens) == CHUNKED
+    if HAS_SKIP:  # lanes another kernel serves (the flashinfer backend's plain decode lanes)
+        mine = mine & (tl.load(skip_ptr + lane) == 0)
     end = tl.where(mine, end, start)
     replay = tl.where(mine, replay, 0)
     continues = continues & mine
@@ -240,6 +243,15 @@ def _store_verify_inputs_kernel(
              + offs_n[None, :] * stride_rbn, Bv.to(rB_ptr.dtype.element_ty), mask=bn_ok)
 
 
+def launch_cached_ssd_scan(x, dt, A, B, C, D, dt_bias, ssm_state, replay_x, replay_dt, replay_B, slots, cu_seqlens,
+                           has_state, replay_lens, is_verify, dt_softplus, dt_min, dt_max, chunk_size,
+                           y: torch.Tensor | None = None, skip: torch.Tensor | None = None) -> torch.Tensor:
+    """The op's work into ``y`` (a [1, T, h, p] buffer; new if None), leaving the lanes where
+    ``skip`` [lanes] is true untouched (their outputs, state and replay buffers)."""
+    return _launch(x, dt, A, B, C, D, dt_bias, ssm_state, replay_x, replay_dt, replay_B, slots, cu_seqlens, has_state,
+                   replay_lens, is_verify, dt_softplus, dt_min, dt_max, chunk_size, y, skip)
+
+
 @torch.library.custom_op("autodeploy::triton_cached_ssd_scan",
                          mutates_args=("ssm_state", "replay_x", "replay_dt", "replay_B"))
 def triton_cached_ssd_scan(
@@ -270,11 +282,17 @@ def triton_cached_ssd_scan(
     Returns y [1, T, h, p] in x's dtype. ``chunk_size`` sets the chunked path's tile (a power of two
     in [16, 32]); the result does not depend on it beyond float rounding.
     """
+    return _launch(x, dt, A, B, C, D, dt_bias, ssm_state, replay_x, replay_dt, replay_B, slots, cu_seqlens, has_state,
+                   replay_lens, is_verify, dt_softplus, dt_min, dt_max, chunk_size, None, None)
+
+
+def _launch(x, dt, A, B, C, D, dt_bias, ssm_state, replay_x, replay_dt, replay_B, slots, cu_seqlens, has_state,
+            replay_lens, is_verify, dt_softplus, dt_min, dt_max, chunk_size, y, skip):
     num_tokens, h, p = x.shape[1:]
     g, n = B.shape[2:]
     if h % g:
         raise ValueError(f"SSM heads ({h}) must be a multiple of groups ({g})")
-    y = torch.empty_like(x)
+    y = torch.empty_like(x) if y is None else y
     lanes = slots.shape[0]
     has_replay = replay_x is not None
     if lanes == 0 or (num_tokens == 0 and not has_replay):
@@ -300,12 +318,13 @@ def triton_cached_ssd_scan(
             x0, dt0, A, B0, C0, D if D is not None else A, dt_bias if dt_bias is not None else A, y0, ssm_state,
             rx, rdt, rB,
             slots, cu_seqlens, has_state_u8, replay_lens, is_verify_u8,
+            skip.view(torch.uint8) if skip is not None else slots,
             *x_s, *dt_s, *B_s, *C_s, *y_s, *ssm_state.stride(), *rx_s, *rdt_s, *rB_s,
             capacity, float(dt_min), float(dt_max), CHUNKED_MIN_TOKENS,
             HEADS_PER_GROUP=h // g, HEAD_DIM=p, D_STATE=n,
             BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_T=block_t,
             HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),
-            CHUNKED=chunked, num_warps=_NUM_WARPS,
+            CHUNKED=chunked, HAS_SKIP=skip is not None, num_warps=_NUM_WARPS,
         )
     if has_replay and num_tokens:
         _store_verify_inputs_kernel[(lanes, h)](

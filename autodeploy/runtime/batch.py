@@ -60,6 +60,12 @@ class BatchInputs:
         self._copied = torch.cuda.Event() if pin else None  # staging is reused once the last copy is done
         self.host: dict[str, torch.Tensor] = {}  # the last step's raw inputs on the host, for host halves
 
+    def copies_done(self) -> None:
+        """Mark the stream position after which the staging buffers may be rewritten (called by
+        fill, and again by the runner after host halves that copy from pinned memory of their own)."""
+        if self._copied is not None:
+            self._copied.record()
+
     def fill(self, lanes: list[LaneInput], pad_to: int | None = None) -> dict[str, torch.Tensor]:
         """Write the lanes into the buffers; returns the step's graph inputs by name (STEP_INPUTS).
 
@@ -96,8 +102,7 @@ class BatchInputs:
         self._tokens[:, :total].copy_(self._tokens_host[:, :total], non_blocking=True)
         self._ints.copy_(self._ints_host, non_blocking=True)
         self.verify.copy_(self._verify_host, non_blocking=True)
-        if self._copied is not None:
-            self._copied.record()
+        self.copies_done()
         host = self._ints_host.clone()  # host halves read these after the staging is reused
         self.host = dict(zip(("seq_lens", "cached_lens", "slots", "accepted_lens"), host[:4]),
                          verify=self._verify_host.clone(), page_table=host[4:].T)

@@ -50,6 +50,9 @@ def host_halves(gm: GraphModule, sizes: PoolSizes, device) -> list:
     specs = gm.meta.get("autodeploy_attention_plans", {})
     halves = []
     for plan_id in ids:
+        if plan_id in fa.PLANS:
+            raise ValueError(f"flashinfer plan {plan_id} already belongs to another runner: build one runner per "
+                             "cached graph")
         half = fa.AttentionPlan(specs[plan_id], sizes.max_batch_size + 1, sizes.max_pages_per_seq, device)
         fa.PLANS[plan_id] = half  # the op finds its host half by id; the runner keeps it alive
         halves.append(half)
@@ -132,6 +135,7 @@ class GraphRunner:
         args = self._args(self.inputs.fill(lanes, pad_to=size))  # a captured graph reads these very buffers
         t1 = time.perf_counter()
         self._plan(captured=size is not None)
+        self.inputs.copies_done()  # after the plans: their async host-to-device copies are covered too
         t2 = time.perf_counter()
         if self.poison:
             poison_step(self, lanes, dict(zip(self.input_names, args)))
@@ -149,6 +153,9 @@ class GraphRunner:
         self.timings["plan"] += t2 - t1
         self.timings["launch"] += time.perf_counter() - t2
         if self.gathers_rows:
+            if len(rows) > out.shape[1]:  # a verify lane longer than the graph's 1 + K rows per lane
+                raise ValueError(f"the step needs {len(rows)} rows of logits but the graph returns {out.shape[1]}: "
+                                 "a verify lane carries more drafts than gather_logits' max_draft_tokens")
             logits = out[0, :len(rows)]
         else:
             logits = out[0, torch.tensor(rows, device=out.device)]

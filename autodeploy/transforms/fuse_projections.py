@@ -10,8 +10,9 @@ After::
     q, k, v = split_with_sizes(qkv, [nq, nk, nv], -1)
 
 Same for an MLP's gate and up projections. The concatenated weight (and bias) is built once, here,
-registered on the graph module, and the originals are dropped when nothing else reads them; a
-weight that is read elsewhere (tied) keeps its own copy. Linears whose weights differ in dtype or
+registered on the graph module, and the original parameters become views into it (so the model
+they belong to keeps working and no second copy stays alive); the graph's references to them are
+dropped when nothing else reads them. Linears whose weights differ in dtype or
 device, or where only some have a bias, are left alone.
 """
 
@@ -37,6 +38,17 @@ def _param(gm: GraphModule, node) -> torch.Tensor | None:
     for part in node.target.split("."):
         obj = getattr(obj, part)
     return obj if isinstance(obj, torch.Tensor) else None
+
+
+def _concat_in_place(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One tensor holding ``tensors`` along dim 0; the originals become views of it, so the model
+    that owns them (the user's module, which export shares) keeps no second copy alive."""
+    fused = torch.cat([t.detach() for t in tensors], 0)
+    offset = 0
+    for t in tensors:
+        t.data = fused[offset:offset + t.shape[0]]
+        offset += t.shape[0]
+    return fused
 
 
 def _set_attr(gm: GraphModule, name: str, tensor: torch.Tensor) -> None:
@@ -74,9 +86,9 @@ class FuseProjections(Transform):
                 continue
             index = info.num_matches
             weight_name = f"fused_projection_{index}_weight"
-            _set_attr(gm, weight_name, torch.cat([w.detach() for w in weights], 0))
+            _set_attr(gm, weight_name, _concat_in_place(weights))
             if bias_tensors is not None:
-                _set_attr(gm, f"fused_projection_{index}_bias", torch.cat([b.detach() for b in bias_tensors], 0))
+                _set_attr(gm, f"fused_projection_{index}_bias", _concat_in_place(bias_tensors))
             sizes = [w.shape[0] for w in weights]
             first = min(linears, key=lambda n: list(graph.nodes).index(n))
             with graph.inserting_before(first):

@@ -1,4 +1,5 @@
-"""insert_index_checks: checked mode. Every cached op reads its indices through a range check.
+"""insert_index_checks: checked mode. Every cached op reads its indices through a range check
+(and every ``autodeploy::rope`` its positions, which index the rope tables: ``check_positions``).
 
 Before::
 
@@ -30,6 +31,8 @@ from autodeploy.transforms.base import Transform, TransformConfig, TransformInfo
 
 CHECK_ATTENTION = torch.ops.autodeploy.check_attention_metadata.default
 CHECK_SSM = torch.ops.autodeploy.check_ssm_metadata.default
+CHECK_POSITIONS = torch.ops.autodeploy.check_positions.default
+ROPE = torch.ops.autodeploy.rope.default
 
 
 def _kind(node: Node) -> str | None:
@@ -67,6 +70,14 @@ class InsertIndexChecks(Transform):
         replay_capacity = max((s.shape[0] for s in specs if s.pool == POOL_REPLAY), default=0)
         checked: dict[tuple, list[Node]] = {}
         for node in list(graph.nodes):
+            if node.op == "call_function" and node.target == ROPE:  # positions index the rope tables
+                key = ("rope", node.args[2], getattr(node.args[3], "target", node.args[3]))  # the table
+                if key not in checked:
+                    with graph.inserting_before(node):
+                        checked[key] = [graph.call_function(CHECK_POSITIONS, (node.args[2], node.args[3]))]
+                    info.num_matches += 1
+                node.args = (*node.args[:2], checked[key][0], *node.args[3:])
+                continue
             kind = _kind(node)
             if kind is None:
                 continue

@@ -137,6 +137,9 @@ def _match(rsqrt: Node) -> _Match | None:
     after = _only_user(end)
     if _is(after, aten.to.dtype, aten.type_as.default) and after.args[0] is end:
         end = after
+    w_val = weight.meta.get("val")
+    if w_val is None or w_val.dim() != 1 or w_val.shape[0] != _val(x).shape[-1]:
+        return None  # the op (and its kernel) takes one weight per channel of the last dim
     return _Match(x, gate, weight, float(add.args[1]), group_size, offset, cast_first, end)
 
 

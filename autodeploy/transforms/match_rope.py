@@ -193,11 +193,13 @@ class MatchRope(Transform):
     def _tables(gm: GraphModule, m: _Rope, position_ids: Node, length: int) -> tuple[str, str, int]:
         """Evaluate the match's c and s for every position into [length, rd] buffers; layers whose
         tables come out identical share one pair."""
-        c_val = m.cos.meta["val"]
+        c_val, x_val = m.cos.meta["val"], m.x.meta["val"]
         token_dims = [d for d, size in enumerate(c_val.shape) if not isinstance(size, int)]
-        if len(token_dims) != 1:
-            raise ValueError(f"match_rope: cannot tell the token dim of {m.cos.name} (shape {tuple(c_val.shape)})")
-        token_dim = token_dims[0]
+        others = [size for d, size in enumerate(c_val.shape[:-1]) if d not in token_dims]
+        if len(token_dims) != 1 or any(size != 1 for size in others):
+            raise ValueError(f"match_rope: cos/sin {m.cos.name} of shape {tuple(c_val.shape)} is not one row per "
+                             "token broadcast over heads")
+        token_dim = token_dims[0] + x_val.dim() - c_val.dim()  # in q's dims (cos broadcasts from the right)
         with torch.no_grad():
             positions = torch.arange(length, device=position_ids.meta["val"].device)[None]
             pair = [_evaluate(gm, node, position_ids, positions).movedim(token_dim, 0).reshape(length, -1).contiguous()

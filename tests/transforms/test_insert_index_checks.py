@@ -65,3 +65,19 @@ def test_accounting_check_catches_a_leaked_page(model):
     engine.pools.pages.allocate(1)  # allocated but owned by no request
     with pytest.raises(AssertionError, match="pages of running requests"):
         engine.step()
+
+
+def test_rope_positions_are_checked():
+    """A position past the rope tables is named in checked mode (the tables cover max(max_seq_len,
+    max_num_tokens) positions; the engine never goes past them, a direct caller could)."""
+    llm = LLM(build_model("llama"), **OPTIONS, checked=True)
+    counts = op_counts(llm.gm)
+    assert counts[torch.ops.autodeploy.check_positions.default] == 1  # both layers share one table
+    runner = llm.engine.runner
+    from autodeploy.runtime.batch import LaneInput
+
+    args = runner._args(runner.inputs.fill([LaneInput([5, 6], 3, 1, [1])]))
+    names = runner.input_names
+    args[names.index("position_ids")] = torch.tensor([[3, OPTIONS["max_seq_len"] + 5]])
+    with pytest.raises(RuntimeError, match="checked mode: a position is outside the rope tables"):
+        runner.gm(*args)

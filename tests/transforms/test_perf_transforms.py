@@ -107,6 +107,20 @@ def test_all_perf_transforms_then_fewer_nodes(name):
     _check_logits(gm, ids, pos, ref)
 
 
+def test_fused_weights_are_not_a_second_copy():
+    """The model's own q/k/v and gate/up weights become views of the fused tensors (the model still
+    computes the same logits), so fusing adds no weight memory."""
+    model, gm, ids, pos, ref = _exported("llama")
+    run_pipeline(gm, ["match_attention", "fuse_projections"])
+    attn = model.model.layers[0].self_attn
+    fused = next(t for name, t in gm.named_parameters() if name.startswith("fused_projection"))
+    base = fused.untyped_storage().data_ptr()
+    assert all(lin.weight.untyped_storage().data_ptr() == base for lin in (attn.q_proj, attn.k_proj, attn.v_proj))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, position_ids=pos, use_cache=False).logits[0], ref,
+                                   atol=ATOL, rtol=ATOL)
+
+
 def test_fuse_projections_keeps_tied_weights():
     class Tied(torch.nn.Module):
         def __init__(self):

@@ -1,0 +1,108 @@
+"""Cached SSD scan, flashinfer backend: ``autodeploy::flashinfer_cached_ssd_scan``.
+
+Same signature and semantics as ``autodeploy::torch_cached_ssd_scan`` (the oracle). The lanes of a
+step that are plain decode steps (one token, a cached state, nothing to replay, not verifying)
+go through flashinfer's ``mamba.selective_state_update``, the bandwidth-bound single-token kernel;
+every other lane (prefill chunks, verify lanes, replays, new sequences) goes through the Triton
+scan, told to leave the decode lanes alone. Which lane is which is computed on the device from the
+prepare node's work items, so the op never syncs with the host and is CUDA-graph safe: the decode
+kernel runs over every lane, the others pointing at flashinfer's pad slot (read as zeros, never
+written), and its outputs land in one spare row past the step's tokens.
+
+flashinfer's conventions (../shared/DEVICE.md): per-head A, D and dt_bias expanded over head_dim
+with stride 0 ("tie_hdim"), D and dt_bias in dt's dtype. dt is not clamped by the kernel, so a
+model with a dt limit other than (0, inf) runs every lane through the Triton scan. The causal
+conv of the flashinfer SSM backend is the Triton one (flashinfer has no cached conv1d).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["flashinfer_cached_ssd_scan", "decode_lanes", "selective_state_update_reference"]
+
+PAD_SLOT = -1
+
+
+def decode_lanes(cu_seqlens: torch.Tensor, has_state: torch.Tensor, replay_lens: torch.Tensor,
+                 is_verify: torch.Tensor) -> torch.Tensor:
+    """[lanes] bool: one token, continuing a cached state, nothing to replay, not verifying."""
+    return ((cu_seqlens[1:] - cu_seqlens[:-1]) == 1) & has_state & (replay_lens == 0) & ~is_verify
+
+
+def selective_state_update_reference(state, x, dt, A, B, C, D, dt_bias=None, dt_softplus=False,
+                                     state_batch_indices=None, pad_slot_id=PAD_SLOT):
+    """flashinfer's decode kernel in torch (the tests' stand-in where flashinfer cannot run), with
+    its argument conventions: x [b, h, p]; dt [b, h, p] and A [h, p, n], D/dt_bias [h, p] expanded
+    over p; B, C [b, g, n]; state [slots, h, p, n] updated in place at ``state_batch_indices``
+    (pad lanes read zeros and write nothing)."""
+    b, h, p = x.shape
+    g = B.shape[1]
+    idx = state_batch_indices.long()
+    pad = idx == pad_slot_id
+    s = torch.where(pad[:, None, None, None], 0.0, state[idx.clamp_min(0)].float())
+    dtv = dt.float() + (dt_bias.float() if dt_bias is not None else 0.0)
+    if dt_softplus:
+        dtv = torch.nn.functional.softplus(dtv)
+    Bh = B.float().repeat_interleave(h // g, dim=1)  # [b, h, n]
+    Ch = C.float().repeat_interleave(h // g, dim=1)
+    s = s * torch.exp(dtv[..., None] * A.float()[None]) + (dtv * x.float())[..., None] * Bh[:, :, None, :]
+    out = (s * Ch[:, :, None, :]).sum(-1) + D.float()[None] * x.float()
+    keep = idx[~pad]
+    state[keep] = s[~pad].to(state.dtype)
+    return out.to(x.dtype)
+
+
+def _decode_kernel():
+    import flashinfer.mamba
+
+    return flashinfer.mamba.selective_state_update
+
+
+def scan_with_decode_kernel(kernel, x, dt, A, B, C, D, dt_bias, ssm_state, replay_x, replay_dt, replay_B, slots,
+                            cu_seqlens, has_state, replay_lens, is_verify, dt_softplus, dt_min, dt_max, chunk_size):
+    """The op's body with ``kernel`` as the single-token decode kernel (flashinfer's on the GPU)."""
+    from autodeploy.custom_ops.triton_ssd_scan import launch_cached_ssd_scan
+
+    num_tokens, h, p = x.shape[1:]
+    n = ssm_state.shape[-1]
+    args = (x, dt, A, B, C, D, dt_bias, ssm_state, replay_x, replay_dt, replay_B, slots, cu_seqlens, has_state,
+            replay_lens, is_verify, dt_softplus, dt_min, dt_max, chunk_size)
+    if num_tokens == 0 or D is None or dt_min > 0.0 or not math.isinf(dt_max):
+        return launch_cached_ssd_scan(*args)
+    plain = decode_lanes(cu_seqlens, has_state, replay_lens, is_verify)
+    y_rows = torch.empty(num_tokens + 1, h, p, dtype=x.dtype, device=x.device)  # row T: the spare row
+    launch_cached_ssd_scan(*args, y=y_rows[:num_tokens][None], skip=plain)
+    token = torch.where(plain, cu_seqlens[:-1], 0)  # a plain lane's only token; others read row 0
+    x_d, dt_d, B_d, C_d = x[0, token], dt[0, token], B[0, token], C[0, token]
+    out = kernel(
+        ssm_state, x_d.contiguous(), dt_d[..., None].expand(-1, h, p), A.float()[:, None, None].expand(h, p, n),
+        B_d.contiguous(), C_d.contiguous(), D.to(dt.dtype)[:, None].expand(h, p),
+        dt_bias=dt_bias.to(dt.dtype)[:, None].expand(h, p) if dt_bias is not None else None,
+        dt_softplus=bool(dt_softplus), state_batch_indices=torch.where(plain, slots.long(), PAD_SLOT),
+        pad_slot_id=PAD_SLOT)
+    y_rows.index_copy_(0, torch.where(plain, cu_seqlens[:-1], num_tokens), out.to(x.dtype))
+    return y_rows[:num_tokens][None]
+
+
+@torch.library.custom_op("autodeploy::flashinfer_cached_ssd_scan", mutates_args=("ssm_state", "replay_x", "replay_dt",
+                                                                                 "replay_B"))
+def flashinfer_cached_ssd_scan(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None,
+    dt_bias: torch.Tensor | None, ssm_state: torch.Tensor, replay_x: torch.Tensor | None,
+    replay_dt: torch.Tensor | None, replay_B: torch.Tensor | None, slots: torch.Tensor, cu_seqlens: torch.Tensor,
+    has_state: torch.Tensor, replay_lens: torch.Tensor, is_verify: torch.Tensor, dt_softplus: bool, dt_min: float,
+    dt_max: float, chunk_size: int,
+) -> torch.Tensor:
+    """See the module docstring; shapes as ``autodeploy::triton_cached_ssd_scan``."""
+    return scan_with_decode_kernel(_decode_kernel(), x, dt, A, B, C, D, dt_bias, ssm_state, replay_x, replay_dt,
+                                   replay_B, slots, cu_seqlens, has_state, replay_lens, is_verify, dt_softplus,
+                                   dt_min, dt_max, chunk_size)
+
+
+@flashinfer_cached_ssd_scan.register_fake
+def _(x, dt, A, B, C, D, dt_bias, ssm_state, replay_x, replay_dt, replay_B, slots, cu_seqlens, has_state,
+      replay_lens, is_verify, dt_softplus, dt_min, dt_max, chunk_size):
+    return torch.empty_like(x)
