@@ -104,3 +104,20 @@ def test_prepare_logit_rows():
     assert rows.tolist() == [3, 4, 5, 6, 7, 9, 0, 0, 0, 0]
     assert prepare_logit_rows(ids[:, :4], torch.tensor([1, 1, 1, 1], dtype=torch.int32),
                               torch.zeros(4, dtype=torch.bool), 1).tolist() == [0, 1, 2, 3]
+
+
+def test_triton_logit_rows_matches_torch():
+    from autodeploy.custom_ops.triton_logit_rows import triton_logit_rows
+
+    g = torch.Generator().manual_seed(7)
+    for trial in range(12):
+        lanes = int(torch.randint(1, 9, (1,), generator=g))
+        seq_lens = torch.randint(0, 6, (lanes,), generator=g).int()
+        verify = torch.rand(lanes, generator=g) < 0.4
+        T = max(int(seq_lens.sum()), 1)
+        seq_lens[-1] += T - int(seq_lens.sum())
+        per_lane = 1 + int(seq_lens.max())
+        ids = torch.zeros(1, T, dtype=torch.long)
+        want = prepare_logit_rows(ids, seq_lens, verify, per_lane if trial % 3 else 1)
+        got = triton_logit_rows(seq_lens.to(DEVICE), verify.to(DEVICE), want.shape[0])
+        assert got.cpu().tolist() == want.tolist(), (seq_lens.tolist(), verify.tolist())
