@@ -56,8 +56,9 @@ class DeployConfig:
     tensor_parallel_size: ranks the model is split over (shard_tensor_parallel), one process per
     rank launched by torchrun; default: torchrun's WORLD_SIZE (1 when not launched by torchrun).
     perf_transforms: switch graph rewrites off by name (all on by default): "match_rope",
-    "match_rms_norm", "fuse_projections", "match_gated_activation", "gather_logits" (LM head only on
-    the rows whose logits are used), e.g. {"fuse_projections": False}.
+    "match_rms_norm", "fuse_projections", "match_gated_activation", "fold_constants" (weight-only
+    expressions computed once), "gather_logits" (LM head only on the rows whose logits are used),
+    e.g. {"fuse_projections": False}.
     """
 
     max_batch_size: int = 8

@@ -76,6 +76,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     from autodeploy.api import DTYPES
     from autodeploy.models import ZOO
     from autodeploy.runtime.runner import COMPILE_MODES
+    from autodeploy.transforms.pipeline import PERF_TRANSFORMS
 
     raw = argparse.RawDescriptionHelpFormatter
 
@@ -100,6 +101,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     eg.add_argument("--ssm-backend", choices=BACKEND_CHOICES, help="cached Mamba2 scan/conv backend (default auto)")
     eg.add_argument("--compile-mode", choices=sorted(COMPILE_MODES), metavar="MODE",
                     help="eager (default), inductor, cudagraph or inductor+cudagraph (CUDA graphs need --device cuda)")
+    eg.add_argument("--no-transform", action="append", choices=PERF_TRANSFORMS, metavar="NAME", default=None,
+                    help=f"switch a performance transform off (repeatable): {', '.join(PERF_TRANSFORMS)}")
     eg.add_argument("--speculative", type=speculative, metavar="SPEC",
                     help="speculative decoding: ngram:K (prompt lookup) or draft:MODEL:K (a draft model)")
 
@@ -201,6 +204,8 @@ def _engine_config(args: argparse.Namespace) -> dict[str, Any]:
     config = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if getattr(args, "tp", None) is not None:
         config["tensor_parallel_size"] = args.tp
+    if getattr(args, "no_transform", None):
+        config["perf_transforms"] = {name: False for name in args.no_transform}
     device = config.get("device", "cpu")
     if str(device).startswith("cuda"):
         import torch

@@ -26,7 +26,8 @@ from autodeploy.models import build_model
 from autodeploy.runtime.batch import LaneInput
 from autodeploy.transforms.pipeline import PERF_TRANSFORMS
 
-ORDER = ("match_rms_norm", "fuse_projections", "match_rope", "match_gated_activation", "gather_logits")
+ORDER = ("match_rms_norm", "fuse_projections", "match_rope", "match_gated_activation", "fold_constants",
+         "gather_logits")
 CONTEXT = 200  # tokens already cached per sequence
 
 

@@ -166,6 +166,16 @@ def test_graph_writes_pictures(tmp_path, capsys):
     _one_line_error(capsys.readouterr().err)
 
 
+def test_no_transform_switches_a_perf_transform_off(tmp_path, capsys):
+    assert main(["graph", "llama", "--out", str(tmp_path), "--no-transform", "fuse_projections",
+                 "--no-transform", "match_rope"]) == 0
+    out = capsys.readouterr().out
+    assert "[match_rms_norm]" in out and "[fuse_projections]" not in out and "[match_rope]" not in out
+    # an unknown name is a usage error listing the known ones
+    assert main(["graph", "llama", "--no-transform", "fuse_everything"]) == 2
+    assert "fuse_projections" in capsys.readouterr().err
+
+
 def test_info_lists_backends(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out

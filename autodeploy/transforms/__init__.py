@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from autodeploy.transforms.base import Transform, TransformConfig, TransformInfo
+from autodeploy.transforms.fold_constants import FoldConstants
 from autodeploy.transforms.fuse_projections import FuseProjections
 from autodeploy.transforms.gather_logits import GatherLogits
 from autodeploy.transforms.insert_cached_attention import InsertCachedAttention
@@ -26,6 +27,7 @@ TRANSFORMS: dict[str, type[Transform]] = {
     FuseProjections.name: FuseProjections,
     MatchGatedActivation.name: MatchGatedActivation,
     GatherLogits.name: GatherLogits,
+    FoldConstants.name: FoldConstants,
 }
 
 __all__ = [

@@ -23,7 +23,7 @@ CACHED_PIPELINE: tuple[str, ...] = ("match_attention", "insert_cached_attention"
 # the graph rewrites a serving engine wants (each switchable in DeployConfig.perf_transforms), and
 # where they go: the pattern matchers before the caches, the logits gather after
 PERF_TRANSFORMS: tuple[str, ...] = ("match_rope", "match_rms_norm", "fuse_projections", "match_gated_activation",
-                                    "gather_logits")
+                                    "fold_constants", "gather_logits")
 
 
 def cached_pipeline(perf: dict[str, bool] | None = None, checked: bool = False) -> tuple[str, ...]:

@@ -57,9 +57,9 @@ def test_all_transforms_off_matches_all_on():
 
     params = SamplingParams(max_tokens=12)
     on = LLM(model, **OPTIONS).generate(prompts, params)
-    off = LLM(model, perf_transforms={n: False for n in ("match_rope", "match_rms_norm", "fuse_projections",
-                                                         "match_gated_activation", "gather_logits")},
-              **OPTIONS).generate(prompts, params)
+    from autodeploy.transforms.pipeline import PERF_TRANSFORMS
+
+    off = LLM(model, perf_transforms={n: False for n in PERF_TRANSFORMS}, **OPTIONS).generate(prompts, params)
     assert [o.outputs[0].token_ids for o in on] == [o.outputs[0].token_ids for o in off]
 
 

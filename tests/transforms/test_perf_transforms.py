@@ -98,11 +98,54 @@ def test_match_gated_activation(name):
     _check_logits(gm, ids, pos, ref)
 
 
+@pytest.mark.parametrize("name", zoo_names())
+def test_fold_constants(name):
+    model, gm, ids, pos, ref = _exported(name)
+    info = run_pipeline(gm, ["match_attention", "fold_constants"])[1]
+    counts = op_counts(gm)
+    # a Mamba2 mixer's A = -exp(A_log.float()) is computed once, not every step
+    assert counts[aten.exp.default] == 0
+    mixers = sum(hasattr(m, "A_log") for m in model.modules())
+    assert info.num_matches >= mixers
+    # nothing left that reads weights alone (small enough to fold)
+    consts = {n for n in gm.graph.nodes if n.op == "get_attr"}
+    leftover = [n for n in gm.graph.nodes if n.op == "call_function" and n.all_input_nodes
+                and all(i in consts for i in n.all_input_nodes) and n.meta["val"].numel() <= 1 << 20
+                and isinstance(n.target, torch._ops.OpOverload)]
+    assert not leftover, leftover
+    _check_logits(gm, ids, pos, ref)
+
+
+def test_fold_constants_keeps_big_copies_out():
+    model, gm, ids, pos, ref = _exported("llama")
+    emb = next(n for n in gm.graph.nodes if n.op == "get_attr" and "embed" in n.target)
+    with gm.graph.inserting_after(emb):  # a float64 copy of the embedding: bigger than the limit set below
+        big = gm.graph.call_function(aten._to_copy.default, (emb,), {"dtype": torch.float64})
+    with gm.graph.inserting_after(big):
+        total = gm.graph.call_function(aten.sum.default, (big,))
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(out):
+        plus = gm.graph.call_function(aten.add.Tensor, (out.args[0], total))
+    big.meta["val"], total.meta["val"] = torch.empty(0), torch.empty(())
+    out.args = (plus,)
+    gm.recompile()
+    with torch.no_grad():
+        want = gm(ids, pos)
+    buffers = {name for name, _ in gm.named_buffers()}
+    run_pipeline(gm, ["fold_constants"], {"fold_constants": {"max_elements": 100}})
+    # the big copy stays a step-time op (and so does the sum computed from it); no big buffer appears
+    assert any(n.target == aten._to_copy.default for n in gm.graph.nodes)
+    assert all(b.numel() <= 100 for name, b in gm.named_buffers() if name not in buffers)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids, pos), want)
+
+
 @pytest.mark.parametrize("name", ["llama", "gemma2", "hybrid"])
 def test_all_perf_transforms_then_fewer_nodes(name):
     model, gm, ids, pos, ref = _exported(name)
     before = len(gm.graph.nodes)
-    run_pipeline(gm, ["match_attention", "match_rope", "match_rms_norm", "fuse_projections", "match_gated_activation"])
+    run_pipeline(gm, ["match_attention", "match_rope", "match_rms_norm", "fuse_projections", "match_gated_activation",
+                      "fold_constants"])
     assert len(gm.graph.nodes) < 0.75 * before
     _check_logits(gm, ids, pos, ref)
 
