@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--hf", action="store_true", help="also time transformers generate()")
     ap.add_argument("--compile", nargs="+", default=["cudagraph"], help="compile modes to time side by side")
+    ap.add_argument("--configs", nargs="+", metavar="MODE:ATTN",
+                    help="explicit (compile mode, attention backend) pairs instead of --compile x --attn")
     ap.add_argument("--attn", nargs="+", default=["auto"], help="attention backends to time side by side")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args()
@@ -85,7 +87,9 @@ def main() -> None:
     results = {"model": args.model, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                "weights_GB": weight_bytes / 1e9, "copy_TBs": bw / 1e12, "rows": []}
     g = torch.Generator().manual_seed(0)
-    for bs, mode, attn in [(bs, mode, attn) for bs in args.batch for mode in args.compile for attn in args.attn]:
+    pairs = ([tuple(c.split(":", 1)) for c in args.configs] if args.configs
+             else [(mode, attn) for mode in args.compile for attn in args.attn])
+    for bs, mode, attn in [(bs, mode, attn) for bs in args.batch for mode, attn in pairs]:
         prompts = torch.randint(0, model.config.vocab_size, (bs, args.prompt), generator=g).tolist()
         t0 = time.perf_counter()
         llm = LLM(model, dtype="bfloat16", device="cuda", max_batch_size=bs, page_size=16,
@@ -105,7 +109,7 @@ def main() -> None:
         timings = llm.engine.timings
         row["host_ms_per_step"] = {k: 1e3 * v / max(llm.engine.num_steps, 1) for k, v in
                                    {**timings, **llm.engine.runner.timings}.items()}
-        if args.hf and mode == args.compile[0] and attn == args.attn[0]:
+        if args.hf and (mode, attn) == pairs[0]:
             row["hf_tok_s"] = hf(model, prompts, min(args.new, 64))
             row["speedup_vs_hf"] = row["decode_tok_s"] / row["hf_tok_s"]
         print(json.dumps(row), flush=True)

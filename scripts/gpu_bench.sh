@@ -16,7 +16,7 @@ if compgen -G ".fi_cache/fi_cache.tgz.*" > /dev/null; then
 fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD:$PWD/tests"
 quiet() { grep -v '^\[transformers\]\|_warn_once\|UserWarning'; }
-python3 benchmarks/bench_decode.py --out "$OUT" --batch 1 8 64 --compile cudagraph torch-opt \
-  --attn triton flashinfer --hf "$@" 2>&1 | quiet
+python3 benchmarks/bench_decode.py --out "$OUT" --batch 1 8 64 \
+  --configs cudagraph:triton cudagraph:flashinfer torch-opt:triton --hf "$@" 2>&1 | quiet
 python3 benchmarks/bench_transforms.py --out "$OUT" 2>&1 | quiet
 python3 benchmarks/bench_suite.py --out "$OUT" 2>&1 | quiet
