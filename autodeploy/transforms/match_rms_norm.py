@@ -143,10 +143,16 @@ def _match(rsqrt: Node) -> _Match | None:
     return _Match(x, gate, weight, float(add.args[1]), group_size, offset, cast_first, end)
 
 
+def _no_op_cast(node) -> bool:
+    """``to(t, t.dtype)``: transformers casts the residual stream to the norm weight's dtype."""
+    return (_is(node, aten.to.dtype) and isinstance(node.args[0], Node)
+            and _val(node.args[0]).dtype == node.args[1])
+
+
 def _residual_add(x: Node) -> Node | None:
     """x (maybe through float32 casts) is ``a + b`` of two same-shaped activations."""
     node = x
-    while _to_float(node):
+    while _to_float(node) or _no_op_cast(node):
         node = node.args[0]
     if (_is(node, aten.add.Tensor) and all(isinstance(a, Node) for a in node.args[:2])
             and _val(node.args[0]).shape == _val(node.args[1]).shape == _val(node).shape):
