@@ -5,7 +5,6 @@ in its interpreter; the GPU run (tests/test_gpu.py) uses flashinfer's own kernel
 backend on identical inputs — outputs, every slot's state, the replay buffers."""
 
 import pytest
-import torch
 
 pytest.importorskip("triton")
 
