@@ -2,8 +2,9 @@
 
 Matches SwiGLU (``silu(g) * u``) and GeGLU (``gelu(g) * u``, exact or tanh) where both operands
 are activations of the same shape (the gate/up projections of an MLP, or the two halves of a fused
-gate/up GEMM). Run after ``match_rms_norm``: the ``x * silu(gate)`` of a gated RMSNorm belongs to
-the norm.
+gate/up GEMM), and the squared ReLU of NemotronH MLPs (``square(relu(x))`` -> ``gated_activation(x,
+None, "relu2")``, two kernels -> one). Run after ``match_rms_norm``: the ``x * silu(gate)`` of a
+gated RMSNorm belongs to the norm.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ def _activation(node) -> str | None:
     return None
 
 
+def _squared(node: Node) -> bool:
+    return node.target == aten.square.default or (node.target == aten.pow.Tensor_Scalar and node.args[1] == 2)
+
+
 class MatchGatedActivation(Transform):
     name = "match_gated_activation"
 
@@ -47,5 +52,16 @@ class MatchGatedActivation(Transform):
                     info.num_matches += 1
                     info.details[kind] = info.details.get(kind, 0) + 1
                     break
+        for square in [n for n in graph.nodes if n.op == "call_function" and _squared(n)]:
+            relu = square.args[0]
+            if not (isinstance(relu, Node) and relu.op == "call_function" and relu.target == aten.relu.default
+                    and len(relu.users) == 1):
+                continue
+            with graph.inserting_before(square):
+                new = graph.call_function(GATED_ACTIVATION, (relu.args[0], None, "relu2"))
+            new.meta.update({k: v for k, v in square.meta.items() if k in ("val", "nn_module_stack")})
+            square.replace_all_uses_with(new)
+            info.num_matches += 1
+            info.details["relu2"] = info.details.get("relu2", 0) + 1
         if info.num_matches:
             info.changed = True

@@ -62,11 +62,13 @@ def test_triton_fused_add_rms_norm(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
-def test_triton_gated_activation(dtype, activation):
+@pytest.mark.parametrize("activation,gated", [("silu", True), ("gelu", True), ("gelu_tanh", True), ("relu2", False),
+                                              ("relu2", True)])
+def test_triton_gated_activation(dtype, activation, gated):
     fused = _rand(1, 5, 2 * 24, dtype=dtype, seed=10)
     gate, up = fused.split([24, 24], -1)  # column slices of one GEMM output: strided rows
-    want = ops.gated_activation(gate.cpu(), up.cpu(), activation)
+    up = up if gated else None
+    want = ops.gated_activation(gate.cpu(), up.cpu() if gated else None, activation)
     got = triton_gated_activation(gate, up, activation)
     torch.testing.assert_close(got.cpu().float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
 

@@ -91,10 +91,11 @@ def test_fuse_projections(name):
 def test_match_gated_activation(name):
     model, gm, ids, pos, ref = _exported(name)
     gated_mlps = sum(hasattr(m, "gate_proj") and hasattr(m, "up_proj") for m in model.modules())
+    relu2_mlps = sum(type(m).__name__ == "ReLUSquaredActivation" for m in model.modules())
     infos = run_pipeline(gm, ["match_attention", "match_rms_norm", "match_gated_activation"])
     counts = op_counts(gm)
-    assert infos[2].num_matches == counts[ops.gated_activation.default] == gated_mlps
-    assert counts[aten.silu.default] == counts[aten.gelu.default] == 0
+    assert infos[2].num_matches == counts[ops.gated_activation.default] == gated_mlps + relu2_mlps
+    assert counts[aten.silu.default] == counts[aten.gelu.default] == counts[aten.relu.default] == 0
     _check_logits(gm, ids, pos, ref)
 
 
