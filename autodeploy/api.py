@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from autodeploy import backends, distributed
 from autodeploy.export import export_model
+from autodeploy.fx_utils import move_graph_module
 from autodeploy.runtime.engine import Engine
 from autodeploy.runtime.pools import PoolSizes, full_pages_within
 from autodeploy.runtime.runner import COMPILE_MODES, GraphRunner, default_capture_sizes
@@ -243,12 +244,16 @@ class LLM:
         dtype = DTYPES[self.config.dtype]
         model, loaded_tokenizer = _load(model, dtype)
         self.tokenizer = tokenizer or loaded_tokenizer
-        self.model = model.to(device=self.config.device, dtype=dtype).eval()
+        # a rank of a tensor-parallel GPU run builds (exports, shards) on the host and moves only its
+        # shard to its GPU: the whole model never has to fit one GPU
+        self._build_device = "cpu" if self.config.tensor_parallel_size > 1 and str(self.config.device) != "cpu" \
+            else self.config.device
+        self.model = model.to(device=self._build_device, dtype=dtype).eval()
         if self.config.tensor_parallel_size > 1:
             distributed.check_same_weights(self.model)
         cfg = self.config
         start = time.perf_counter()
-        self.gm, self.transform_infos = _cached_graph(self.model, cfg)
+        self.gm, self.transform_infos = self._graph(self.model)
         sizes = PoolSizes(cfg.max_batch_size, cfg.max_seq_len, cfg.page_size, cfg.max_num_tokens, cfg.num_pages)
         if cfg.max_cache_bytes is not None:
             sizes.num_full_pages = full_pages_within(cfg.max_cache_bytes, self.gm.meta.get("autodeploy_caches", []), sizes)
@@ -266,6 +271,13 @@ class LLM:
                     else "", {pool: f"{b / 2**20:.1f} MiB" for pool, b in self.cache_bytes().items()},
                     sizes.num_full_pages, cfg.page_size)
 
+    def _graph(self, model: nn.Module):
+        """The cached graph of ``model`` on the engine's device (built where the model is)."""
+        gm, infos = _cached_graph(model, self.config)
+        if str(self._build_device) != str(self.config.device):
+            move_graph_module(gm, self.config.device)
+        return gm, infos
+
     def _drafter(self, sizes: PoolSizes, vocab: int, dtype: torch.dtype) -> Drafter | None:
         spec, k = self.config.speculative_config, self.config.num_speculative_tokens
         if spec is None:
@@ -273,9 +285,9 @@ class LLM:
         if spec["method"] == "ngram":
             return NgramDrafter(k, spec["prompt_lookup_min"], spec["prompt_lookup_max"])
         draft, _ = _load(spec["model"], dtype)
-        draft = draft.to(device=self.config.device, dtype=dtype).eval()
+        draft = draft.to(device=self._build_device, dtype=dtype).eval()
         self.draft_model = draft
-        gm, _ = _cached_graph(draft, self.config)
+        gm, _ = self._graph(draft)
         if _vocab_size(draft, gm) != vocab:
             raise ValueError(f"the draft model's vocabulary ({_vocab_size(draft, gm)}) differs from the target's ({vocab})")
         return DraftModelDrafter(self._runner(gm, dataclasses.replace(sizes)), k)

@@ -60,3 +60,23 @@ def graph_input(gm: torch.fx.GraphModule, name: str) -> Node:
             last = node
     with gm.graph.inserting_after(last) if last is not None else gm.graph.inserting_before(None):
         return gm.graph.placeholder(name)
+
+
+def move_graph_module(gm: torch.fx.GraphModule, device: torch.device | str) -> None:
+    """Move a graph built on another device: every tensor a get_attr reads (parameters, buffers and
+    plain tensor attributes alike) and every device argument baked into a node (``to(device=...)``,
+    factory ops) now name ``device``. Used to build a tensor-parallel rank's graph on the host and
+    ship only its shard to the GPU."""
+    device = torch.device(device)
+    gm.to(device)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            *path, leaf = node.target.split(".")
+            owner = gm.get_submodule(".".join(path)) if path else gm
+            value = getattr(owner, leaf)
+            if isinstance(value, torch.Tensor) and value.device != device and not isinstance(value, torch.nn.Parameter):
+                setattr(owner, leaf, value.to(device))
+        elif node.op == "call_function":
+            node.args = tuple(device if isinstance(a, torch.device) else a for a in node.args)
+            node.kwargs = {k: device if isinstance(v, torch.device) else v for k, v in node.kwargs.items()}
+    gm.recompile()

@@ -136,3 +136,26 @@ def test_tensor_parallel_size_needs_torchrun(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(ValueError, match="torchrun --nproc-per-node 2"):
         LLM(build_model("llama"), tensor_parallel_size=2)
+
+
+def test_move_graph_module_moves_every_tensor_and_device_argument():
+    """A tensor-parallel GPU rank builds on the host and ships its graph: every tensor the graph
+    reads and every device baked into a node follow (checked here by moving to the meta device)."""
+    from autodeploy.fx_utils import move_graph_module
+    from autodeploy.transforms.pipeline import PERF_TRANSFORMS
+
+    llm = LLM(build_model("llama"), max_batch_size=2, max_seq_len=32, perf_transforms={n: False for n in PERF_TRANSFORMS})
+    gm = llm.gm
+    baked = [n for n in gm.graph.nodes if n.op == "call_function"
+             and any(isinstance(a, torch.device) for a in (*n.args, *n.kwargs.values()))]
+    assert baked  # the rotary embedding's to(device=cpu): without match_rope it stays in the graph
+    move_graph_module(gm, "meta")
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = gm
+            for part in node.target.split("."):
+                value = getattr(value, part)
+            assert value.device.type == "meta", node.target
+        if node.op == "call_function":
+            devices = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, torch.device)]
+            assert all(d.type == "meta" for d in devices), node
