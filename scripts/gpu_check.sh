@@ -24,6 +24,10 @@ fi
 } | tee "$OUT/env.txt"
 status=0
 python3 -m pytest -q -o log_level=WARNING -p no:cacheprovider -m gpu tests/test_gpu.py "$@" 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -25 || status=1
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then  # tensor parallelism with NCCL needs two GPUs
+  python3 -m pytest -q -o log_level=WARNING -p no:cacheprovider -m gpu tests/test_tensor_parallel.py 2>&1 \
+    | tee "$OUT/pytest_tp.txt" | tail -5 || status=1
+fi
 python3 -m pytest -q -o log_level=WARNING -p no:cacheprovider tests/custom_ops/test_triton_attention.py \
   tests/custom_ops/test_triton_ssd_scan.py tests/custom_ops/test_triton_causal_conv1d.py tests/custom_ops/test_perf_ops.py 2>&1 \
   | tee "$OUT/pytest_triton_ops.txt" | tail -5 || status=1
