@@ -62,6 +62,14 @@ def graph_input(gm: torch.fx.GraphModule, name: str) -> Node:
         return gm.graph.placeholder(name)
 
 
+def attr_value(gm: torch.fx.GraphModule, target: str) -> Any:
+    """What a get_attr node with ``target`` reads (a parameter, buffer or plain attribute)."""
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def move_graph_module(gm: torch.fx.GraphModule, device: torch.device | str) -> None:
     """Move a graph built on another device: every tensor a get_attr reads (parameters, buffers and
     plain tensor attributes alike) and every device argument baked into a node (``to(device=...)``,
@@ -71,11 +79,10 @@ def move_graph_module(gm: torch.fx.GraphModule, device: torch.device | str) -> N
     gm.to(device)
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            *path, leaf = node.target.split(".")
-            owner = gm.get_submodule(".".join(path)) if path else gm
-            value = getattr(owner, leaf)
+            value = attr_value(gm, node.target)
             if isinstance(value, torch.Tensor) and value.device != device and not isinstance(value, torch.nn.Parameter):
-                setattr(owner, leaf, value.to(device))
+                *path, leaf = node.target.split(".")  # a plain tensor attribute: gm.to() does not move it
+                setattr(gm.get_submodule(".".join(path)) if path else gm, leaf, value.to(device))
         elif node.op == "call_function":
             node.args = tuple(device if isinstance(a, torch.device) else a for a in node.args)
             node.kwargs = {k: device if isinstance(v, torch.device) else v for k, v in node.kwargs.items()}

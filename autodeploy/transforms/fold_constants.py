@@ -16,19 +16,13 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
+from autodeploy.fx_utils import attr_value
 from autodeploy.transforms.base import Transform, TransformConfig, TransformInfo
 
 
 @dataclass
 class FoldConstantsConfig(TransformConfig):
     max_elements: int = 1 << 20
-
-
-def _attr(gm: GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _aliases(result: torch.Tensor, inputs: list) -> bool:
@@ -46,7 +40,7 @@ class FoldConstants(Transform):
         folded: list[tuple[Node, torch.Tensor]] = []
         for node in graph.nodes:
             if node.op == "get_attr":
-                values[node] = _attr(gm, node.target)
+                values[node] = attr_value(gm, node.target)
                 continue
             if node.op != "call_function" or any(n not in values for n in node.all_input_nodes):
                 continue

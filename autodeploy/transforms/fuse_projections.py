@@ -24,6 +24,7 @@ from collections import defaultdict
 import torch
 from torch.fx import GraphModule, Node
 
+from autodeploy.fx_utils import attr_value
 from autodeploy.transforms.base import Transform, TransformInfo
 
 aten = torch.ops.aten
@@ -34,10 +35,8 @@ def _param(gm: GraphModule, node) -> torch.Tensor | None:
     """The tensor behind a get_attr node (a weight), else None."""
     if not (isinstance(node, Node) and node.op == "get_attr"):
         return None
-    obj = gm
-    for part in node.target.split("."):
-        obj = getattr(obj, part)
-    return obj if isinstance(obj, torch.Tensor) else None
+    value = attr_value(gm, node.target)
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def _concat_in_place(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
+from autodeploy.fx_utils import attr_value
 from autodeploy.transforms.base import Transform, TransformConfig, TransformInfo
 
 aten = torch.ops.aten
@@ -126,9 +127,7 @@ def _evaluate(gm: GraphModule, node: Node, position_ids: Node, positions: torch.
         args = torch.fx.node.map_arg(n.args, value)
         kwargs = torch.fx.node.map_arg(n.kwargs, value)
         if n.op == "get_attr":
-            out = gm
-            for part in n.target.split("."):
-                out = getattr(out, part)
+            out = attr_value(gm, n.target)
         elif n.op == "call_function":
             out = n.target(*args, **kwargs)
         else:
