@@ -27,14 +27,20 @@ class LaneInput:
     verify: bool = False  # tokens are [last token, drafts...]: SSM state kept, inputs stored for replay
 
 
+def logit_row_count(lane: LaneInput) -> int:
+    """Rows of logits the step returns for ``lane``: every token of a verify lane, the last token
+    of any other (the graph's ``prepare_logit_rows`` counts the same on the device)."""
+    n = len(lane.tokens)
+    return n if lane.verify else min(n, 1)
+
+
 def logit_rows(lanes: list[LaneInput]) -> list[int]:
-    """The token rows of a step whose logits the engine reads, lane after lane: every token of a
-    verify lane, the last token of any other lane (the graph's ``prepare_logit_rows`` computes the
-    same list on the device)."""
+    """The token rows of a step whose logits the engine reads, lane after lane (each lane's last
+    ``logit_row_count`` tokens)."""
     rows, start = [], 0
     for lane in lanes:
         n = len(lane.tokens)
-        rows += range(start, start + n) if lane.verify else ([start + n - 1] if n else [])
+        rows += range(start + n - logit_row_count(lane), start + n)
         start += n
     return rows
 

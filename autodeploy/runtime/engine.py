@@ -23,7 +23,7 @@ from typing import Iterable
 import torch
 from torch.fx import GraphModule
 
-from autodeploy.runtime.batch import LaneInput
+from autodeploy.runtime.batch import LaneInput, logit_row_count
 from autodeploy.runtime.pools import PoolSizes
 from autodeploy.runtime.runner import GraphRunner
 from autodeploy.runtime.sampling import SamplingParams, sample
@@ -180,7 +180,7 @@ class Engine:
         # the argmax of those that are used, in one device sync
         starts, used = [0], []
         for lane in lane_inputs[:-1]:
-            starts.append(starts[-1] + (len(lane.tokens) if lane.verify else 1))
+            starts.append(starts[-1] + logit_row_count(lane))
         for (req, n), lane, start in zip(lanes, lane_inputs, starts):
             if lane.verify:
                 used += range(start, start + len(lane.tokens))

@@ -23,7 +23,7 @@ from torch.fx import GraphModule
 
 from autodeploy.cache_spec import CacheSpec
 from autodeploy.fx_utils import placeholder_names
-from autodeploy.runtime.batch import BatchInputs, LaneInput, logit_rows
+from autodeploy.runtime.batch import BatchInputs, LaneInput, logit_row_count, logit_rows
 from autodeploy.runtime.poison import PoolPoisoner, poison_step
 from autodeploy.runtime.pools import CachePools, PoolSizes
 
@@ -179,7 +179,7 @@ class GraphRunner:
             logits = self.run(lanes[start:end])
             offset = 0
             for lane in lanes[start:end]:
-                n = len(logit_rows([lane]))
+                n = logit_row_count(lane)
                 out.append(logits[offset:offset + n])
                 offset += n
             start = end
