@@ -243,15 +243,6 @@ def _store_verify_inputs_kernel(
              + offs_n[None, :] * stride_rbn, Bv.to(rB_ptr.dtype.element_ty), mask=bn_ok)
 
 
-def launch_cached_ssd_scan(x, dt, A, B, C, D, dt_bias, ssm_state, replay_x, replay_dt, replay_B, slots, cu_seqlens,
-                           has_state, replay_lens, is_verify, dt_softplus, dt_min, dt_max, chunk_size,
-                           y: torch.Tensor | None = None, skip: torch.Tensor | None = None) -> torch.Tensor:
-    """The op's work into ``y`` (a [1, T, h, p] buffer; new if None), leaving the lanes where
-    ``skip`` [lanes] is true untouched (their outputs, state and replay buffers)."""
-    return _launch(x, dt, A, B, C, D, dt_bias, ssm_state, replay_x, replay_dt, replay_B, slots, cu_seqlens, has_state,
-                   replay_lens, is_verify, dt_softplus, dt_min, dt_max, chunk_size, y, skip)
-
-
 @torch.library.custom_op("autodeploy::triton_cached_ssd_scan",
                          mutates_args=("ssm_state", "replay_x", "replay_dt", "replay_B"))
 def triton_cached_ssd_scan(
@@ -282,12 +273,15 @@ def triton_cached_ssd_scan(
     Returns y [1, T, h, p] in x's dtype. ``chunk_size`` sets the chunked path's tile (a power of two
     in [16, 32]); the result does not depend on it beyond float rounding.
     """
-    return _launch(x, dt, A, B, C, D, dt_bias, ssm_state, replay_x, replay_dt, replay_B, slots, cu_seqlens, has_state,
-                   replay_lens, is_verify, dt_softplus, dt_min, dt_max, chunk_size, None, None)
+    return launch_cached_ssd_scan(x, dt, A, B, C, D, dt_bias, ssm_state, replay_x, replay_dt, replay_B, slots,
+                                  cu_seqlens, has_state, replay_lens, is_verify, dt_softplus, dt_min, dt_max, chunk_size)
 
 
-def _launch(x, dt, A, B, C, D, dt_bias, ssm_state, replay_x, replay_dt, replay_B, slots, cu_seqlens, has_state,
-            replay_lens, is_verify, dt_softplus, dt_min, dt_max, chunk_size, y, skip):
+def launch_cached_ssd_scan(x, dt, A, B, C, D, dt_bias, ssm_state, replay_x, replay_dt, replay_B, slots, cu_seqlens,
+                           has_state, replay_lens, is_verify, dt_softplus, dt_min, dt_max, chunk_size,
+                           y: torch.Tensor | None = None, skip: torch.Tensor | None = None) -> torch.Tensor:
+    """The op's work, into ``y`` (a [1, T, h, p] buffer; new if None), leaving the lanes where
+    ``skip`` [lanes] is true untouched (their outputs, state and replay buffers)."""
     num_tokens, h, p = x.shape[1:]
     g, n = B.shape[2:]
     if h % g:
