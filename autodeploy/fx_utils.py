@@ -41,6 +41,11 @@ def op_kwargs(node: Node) -> dict[str, Any]:
     return out
 
 
+def is_op(node: Any, *targets) -> bool:
+    """``node`` is a call to one of ``targets`` (anything else, constants included, is not)."""
+    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+
+
 def op_nodes(gm: torch.fx.GraphModule, target) -> list[Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == target]
 

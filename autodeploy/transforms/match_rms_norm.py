@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
+from autodeploy.fx_utils import is_op
 from autodeploy.transforms.base import Transform, TransformConfig, TransformInfo
 
 aten = torch.ops.aten
@@ -36,12 +37,8 @@ class MatchRMSNormConfig(TransformConfig):
     fuse_residual: bool = True
 
 
-def _is(node, *targets) -> bool:
-    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
-
-
 def _to_float(node) -> bool:
-    return _is(node, aten.to.dtype) and node.args[1] == torch.float32
+    return is_op(node, aten.to.dtype) and node.args[1] == torch.float32
 
 
 def _val(node: Node) -> torch.Tensor:
@@ -60,7 +57,7 @@ def _other(mul: Node, operand: Node):
 def _weight(node) -> tuple[Node, float] | None:
     """A weight expression: (weight param, offset) for w, to(w, f32), to(w, f32) + c, w + c."""
     offset = 0.0
-    if _is(node, aten.add.Tensor) and isinstance(node.args[1], (int, float)):
+    if is_op(node, aten.add.Tensor) and isinstance(node.args[1], (int, float)):
         node, offset = node.args[0], float(node.args[1])
     if _to_float(node):
         node = node.args[0]
@@ -83,34 +80,34 @@ class _Match:
 
 def _match(rsqrt: Node) -> _Match | None:
     add = rsqrt.args[0]
-    if not (_is(add, aten.add.Tensor) and isinstance(add.args[1], (int, float)) and len(add.users) == 1):
+    if not (is_op(add, aten.add.Tensor) and isinstance(add.args[1], (int, float)) and len(add.users) == 1):
         return None
     mean = add.args[0]
-    if not (_is(mean, aten.mean.dim) and list(mean.args[1]) in ([-1], [_val(mean.args[0]).dim() - 1])
+    if not (is_op(mean, aten.mean.dim) and list(mean.args[1]) in ([-1], [_val(mean.args[0]).dim() - 1])
             and (mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False))):
         return None
     power = mean.args[0]
-    if not (_is(power, aten.pow.Tensor_Scalar) and power.args[1] == 2):
+    if not (is_op(power, aten.pow.Tensor_Scalar) and power.args[1] == 2):
         return None
     normed = power.args[0]  # the tensor being normalised (maybe a grouped view)
     y = _only_user(rsqrt)
-    if not (_is(y, aten.mul.Tensor) and _other(y, rsqrt) is normed):
+    if not (is_op(y, aten.mul.Tensor) and _other(y, rsqrt) is normed):
         return None
     group_size, pre = 0, normed
-    if _is(normed, aten.view.default, aten.reshape.default):
+    if is_op(normed, aten.view.default, aten.reshape.default):
         pre = normed.args[0]
         if _val(normed).shape[-1] == _val(pre).shape[-1]:
             return None
         group_size = int(_val(normed).shape[-1])
         nxt = _only_user(y)
-        if not (_is(nxt, aten.view.default, aten.reshape.default) and _val(nxt).shape == _val(pre).shape):
+        if not (is_op(nxt, aten.view.default, aten.reshape.default) and _val(nxt).shape == _val(pre).shape):
             return None
         y = nxt
     # input side: to(x, f32), or to(x, f32) * silu(to(gate, f32))
     gate = None
-    if _is(pre, aten.mul.Tensor):
+    if is_op(pre, aten.mul.Tensor):
         a, b = pre.args[:2]
-        act = b if _is(b, aten.silu.default) else a if _is(a, aten.silu.default) else None
+        act = b if is_op(b, aten.silu.default) else a if is_op(a, aten.silu.default) else None
         if act is None:
             return None
         xs, gate = (a if act is b else b), act.args[0]
@@ -121,13 +118,13 @@ def _match(rsqrt: Node) -> _Match | None:
     x = pre.args[0]
     # output side
     nxt = _only_user(y)
-    if _is(nxt, aten.to.dtype) and nxt.args[1] == _val(x).dtype:  # weight * y.to(x.dtype)
+    if is_op(nxt, aten.to.dtype) and nxt.args[1] == _val(x).dtype:  # weight * y.to(x.dtype)
         mul = _only_user(nxt)
-        w = _weight(_other(mul, nxt)) if _is(mul, aten.mul.Tensor) else None
+        w = _weight(_other(mul, nxt)) if is_op(mul, aten.mul.Tensor) else None
         if w is None or w[1] != 0.0:
             return None
         weight, offset, cast_first, end = w[0], 0.0, True, mul
-    elif _is(nxt, aten.mul.Tensor):  # y * weight-expression (float32), then a cast
+    elif is_op(nxt, aten.mul.Tensor):  # y * weight-expression (float32), then a cast
         w = _weight(_other(nxt, y))
         if w is None:
             return None
@@ -135,7 +132,7 @@ def _match(rsqrt: Node) -> _Match | None:
     else:
         return None
     after = _only_user(end)
-    if _is(after, aten.to.dtype, aten.type_as.default) and after.args[0] is end:
+    if is_op(after, aten.to.dtype, aten.type_as.default) and after.args[0] is end:
         end = after
     w_val = weight.meta.get("val")
     if w_val is None or w_val.dim() != 1 or w_val.shape[0] != _val(x).shape[-1]:
@@ -145,7 +142,7 @@ def _match(rsqrt: Node) -> _Match | None:
 
 def _no_op_cast(node) -> bool:
     """``to(t, t.dtype)``: transformers casts the residual stream to the norm weight's dtype."""
-    return (_is(node, aten.to.dtype) and isinstance(node.args[0], Node)
+    return (is_op(node, aten.to.dtype) and isinstance(node.args[0], Node)
             and _val(node.args[0]).dtype == node.args[1])
 
 
@@ -154,7 +151,7 @@ def _residual_add(x: Node) -> Node | None:
     node = x
     while _to_float(node) or _no_op_cast(node):
         node = node.args[0]
-    if (_is(node, aten.add.Tensor) and all(isinstance(a, Node) for a in node.args[:2])
+    if (is_op(node, aten.add.Tensor) and all(isinstance(a, Node) for a in node.args[:2])
             and _val(node.args[0]).shape == _val(node.args[1]).shape == _val(node).shape):
         return node
     return None
@@ -190,7 +187,7 @@ class MatchRMSNorm(Transform):
     def apply(self, gm: GraphModule, info: TransformInfo) -> None:
         graph = gm.graph
         unmatched, fused = 0, 0
-        for rsqrt in [n for n in graph.nodes if _is(n, aten.rsqrt.default)]:
+        for rsqrt in [n for n in graph.nodes if is_op(n, aten.rsqrt.default)]:
             m = _match(rsqrt)
             if m is None:
                 unmatched += 1

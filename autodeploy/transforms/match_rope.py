@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from autodeploy.fx_utils import attr_value
+from autodeploy.fx_utils import attr_value, is_op
 from autodeploy.transforms.base import Transform, TransformConfig, TransformInfo
 
 aten = torch.ops.aten
@@ -33,10 +33,6 @@ _PASS_THROUGH = {aten.transpose.int, aten.view.default, aten.reshape.default, at
 @dataclass
 class MatchRopeConfig(TransformConfig):
     max_positions: int | None = None  # table rows (default: the export's max_seq_len)
-
-
-def _is(node, *targets) -> bool:
-    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
 
 
 def _last_dim(node: Node, dim) -> bool:
@@ -54,10 +50,10 @@ class _Rope:
 
 def _rotate_half_of(node) -> Node | None:
     """x if node is cat([-x[..., h:], x[..., :h]], -1)."""
-    if not (_is(node, aten.cat.default) and len(node.args[0]) == 2 and _last_dim(node, node.args[1] if len(node.args) > 1 else 0)):
+    if not (is_op(node, aten.cat.default) and len(node.args[0]) == 2 and _last_dim(node, node.args[1] if len(node.args) > 1 else 0)):
         return None
     neg, low = node.args[0]
-    if not (_is(neg, aten.neg.default) and _is(neg.args[0], aten.slice.Tensor) and _is(low, aten.slice.Tensor)):
+    if not (is_op(neg, aten.neg.default) and is_op(neg.args[0], aten.slice.Tensor) and is_op(low, aten.slice.Tensor)):
         return None
     high = neg.args[0]
     x = low.args[0]
@@ -70,7 +66,7 @@ def _rotate_half_of(node) -> Node | None:
 
 
 def _match(add: Node) -> _Rope | None:
-    if not (_is(add, aten.add.Tensor) and all(_is(a, aten.mul.Tensor) for a in add.args[:2])):
+    if not (is_op(add, aten.add.Tensor) and all(is_op(a, aten.mul.Tensor) for a in add.args[:2])):
         return None
     for m_cos, m_sin in (add.args[:2], add.args[1::-1]):
         for x, c in (m_cos.args[:2], m_cos.args[1::-1]):
@@ -78,12 +74,12 @@ def _match(add: Node) -> _Rope | None:
                 if isinstance(x, Node) and _rotate_half_of(rot) is x:
                     source, end = x, add
                     # partial rotary: x = q[..., :rd], out = cat([add, q[..., rd:]])
-                    if _is(x, aten.slice.Tensor) and x.args[2] == 0 and len(add.users) == 1:
+                    if is_op(x, aten.slice.Tensor) and x.args[2] == 0 and len(add.users) == 1:
                         cat = next(iter(add.users))
                         q = x.args[0]
                         rd = x.meta["val"].shape[-1]
-                        if (_is(cat, aten.cat.default) and len(cat.args[0]) == 2 and cat.args[0][0] is add
-                                and _is(cat.args[0][1], aten.slice.Tensor) and cat.args[0][1].args[0] is q
+                        if (is_op(cat, aten.cat.default) and len(cat.args[0]) == 2 and cat.args[0][0] is add
+                                and is_op(cat.args[0][1], aten.slice.Tensor) and cat.args[0][1].args[0] is q
                                 and cat.args[0][1].args[2] == rd):
                             source, end = q, cat
                     return _Rope(x, source, c, s, end)
@@ -94,10 +90,10 @@ def _attention_slot(node: Node) -> tuple[Node, int] | None:
     """(attention node, 0 for q / 1 for k) that ``node`` flows into through layout-only ops."""
     while len(node.users) == 1:
         user = next(iter(node.users))
-        if _is(user, ATTENTION):
+        if is_op(user, ATTENTION):
             index = user.args.index(node)
             return (user, index) if index in (0, 1) else None
-        if not _is(user, *_PASS_THROUGH):
+        if not is_op(user, *_PASS_THROUGH):
             return None
         node = user
     return None
@@ -154,7 +150,7 @@ class MatchRope(Transform):
                              f"max_seq_len), got {length!r}")
         by_layer: dict[Node, dict[int, _Rope]] = {}
         unmatched = 0
-        for add in [n for n in graph.nodes if _is(n, aten.add.Tensor)]:
+        for add in [n for n in graph.nodes if is_op(n, aten.add.Tensor)]:
             m = _match(add)
             if m is None:
                 continue
