@@ -30,8 +30,10 @@ def launched_world_size() -> int:
 
 
 def backend_for(device: str | torch.device) -> str:
-    """The collective backend for ``device``: "nccl" on CUDA, "gloo" on the CPU."""
-    return "nccl" if str(device).startswith("cuda") else "gloo"
+    """The collective backend for ``device``: NCCL for CUDA tensors, with gloo beside it for the
+    host tensors a rank exchanges while it builds on the host (weight fingerprints, requests);
+    gloo alone on the CPU."""
+    return "cpu:gloo,cuda:nccl" if str(device).startswith("cuda") else "gloo"
 
 
 def is_initialized() -> bool:

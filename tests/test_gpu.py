@@ -212,7 +212,7 @@ def test_flashinfer_ssd_scan_matches_torch():
     op = torch.ops.autodeploy.flashinfer_cached_ssd_scan.default
     decodes = [(1, 7 + i, 1 + i, 0, False) for i in range(8)]
     for lanes in (MIXED, decodes):
-        args, meta = make_step(lanes, h=8, p=64, n=128, g=2, dtype=torch.bfloat16, seed=4)
+        args, meta = make_step(lanes, h=8, p=64, n=128, g=2, dtype=torch.bfloat16, seed=4, num_slots=len(lanes))
         mutable = ("ssm_state", "replay_x", "replay_dt", "replay_B")
         ref = {k: (v.clone() if k in mutable and v is not None else v) for k, v in args.items()}
         opts = (True, 0.0, float("inf"), 32)

@@ -11,7 +11,8 @@ written), and its outputs land in one spare row past the step's tokens.
 
 flashinfer's conventions (../shared/DEVICE.md): per-head A, D and dt_bias expanded over head_dim
 with stride 0 ("tie_hdim"), D and dt_bias in dt's dtype. dt is not clamped by the kernel, so a
-model with a dt limit other than (0, inf) runs every lane through the Triton scan. The causal
+model with a dt limit other than (0, inf), or a step with more lanes than the pool has state slots
+(flashinfer checks ``state.size(0) >= batch``), runs every lane through the Triton scan. The causal
 conv of the flashinfer SSM backend is the Triton one (flashinfer has no cached conv1d).
 """
 
@@ -40,6 +41,8 @@ def selective_state_update_reference(state, x, dt, A, B, C, D, dt_bias=None, dt_
     (pad lanes read zeros and write nothing)."""
     b, h, p = x.shape
     g = B.shape[1]
+    if state.shape[0] < b:
+        raise RuntimeError("state.size(0) must be >= x.size(0)")  # flashinfer's shape check
     idx = state_batch_indices.long()
     pad = idx == pad_slot_id
     s = torch.where(pad[:, None, None, None], 0.0, state[idx.clamp_min(0)].float())
@@ -70,7 +73,8 @@ def scan_with_decode_kernel(kernel, x, dt, A, B, C, D, dt_bias, ssm_state, repla
     n = ssm_state.shape[-1]
     args = (x, dt, A, B, C, D, dt_bias, ssm_state, replay_x, replay_dt, replay_B, slots, cu_seqlens, has_state,
             replay_lens, is_verify, dt_softplus, dt_min, dt_max, chunk_size)
-    if num_tokens == 0 or D is None or dt_min > 0.0 or not math.isinf(dt_max):
+    lanes = cu_seqlens.shape[0] - 1  # the kernel wants a state row per lane (its shape check)
+    if num_tokens == 0 or D is None or dt_min > 0.0 or not math.isinf(dt_max) or lanes > ssm_state.shape[0]:
         return launch_cached_ssd_scan(*args)
     plain = decode_lanes(cu_seqlens, has_state, replay_lens, is_verify)
     y_rows = torch.empty(num_tokens + 1, h, p, dtype=x.dtype, device=x.device)  # row T: the spare row

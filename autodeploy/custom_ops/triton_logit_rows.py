@@ -19,8 +19,8 @@ __all__ = ["triton_logit_rows"]
 @triton.jit
 def _logit_rows_kernel(seq_lens_ptr, verify_ptr, rows_ptr, num_lanes, num_rows, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
-    token = 0
-    row = 0
+    token = tl.full([], 0, tl.int64)  # int64 from the start: the loop adds int64 lengths (the
+    row = tl.full([], 0, tl.int64)    # GPU compiler rejects a loop-carried type change)
     for lane in range(0, num_lanes):
         n = tl.load(seq_lens_ptr + lane).to(tl.int64)
         verify = tl.load(verify_ptr + lane) != 0

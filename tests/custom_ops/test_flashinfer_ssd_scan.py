@@ -18,8 +18,8 @@ MUTABLE = ("ssm_state", "replay_x", "replay_dt", "replay_B")
 DECODES = [(1, 7, 1, 0, False), (1, 12, 2, 0, False), (0, 0, 0, 0, False), (1, 30, 3, 0, False)]
 
 
-def _check(lanes, seed, dt_min=0.0, dt_max=float("inf"), calls=None):
-    args, meta = make_step(lanes, seed=seed)
+def _check(lanes, seed, dt_min=0.0, dt_max=float("inf"), calls=None, num_slots=None):
+    args, meta = make_step(lanes, seed=seed, num_slots=num_slots or len(lanes))  # the engine: a slot per lane
     ref = {k: (v.clone() if k in MUTABLE and v is not None else v) for k, v in args.items()}
     opts = (True, dt_min, dt_max, 4)
     expected = TORCH(*ref.values(), *meta, *opts)
@@ -57,6 +57,12 @@ def test_all_decode_step_matches_the_oracle():
     calls = []
     _check(DECODES, seed=2, calls=calls)
     assert calls == [[1, 2, -1, 3]]
+
+
+def test_more_lanes_than_state_slots_route_everything_to_triton():
+    calls = []
+    _check(MIXED, seed=4, calls=calls, num_slots=len(MIXED) - 1)  # flashinfer's kernel would refuse the shapes
+    assert calls == []
 
 
 def test_dt_limits_route_everything_to_triton():

@@ -45,7 +45,7 @@ def path(request, monkeypatch):
 
 
 def make_step(lanes, h=4, p=8, n=8, g=2, dtype=torch.float32, seed=0, with_D=True, with_bias=True,
-              replay=True):
+              replay=True, num_slots=NUM_SLOTS):
     """Random inputs, a random state in every slot (the null slot too) and random replay buffers,
     plus the prepare op's metadata for ``lanes``."""
     gen = torch.Generator().manual_seed(seed)
@@ -61,10 +61,10 @@ def make_step(lanes, h=4, p=8, n=8, g=2, dtype=torch.float32, seed=0, with_D=Tru
         B=rand(1, T, g, n), C=rand(1, T, g, n),
         D=rand(h, dt=torch.float32) if with_D else None,
         dt_bias=rand(h, scale=0.5, dt=torch.float32) if with_bias else None,
-        ssm_state=rand(NUM_SLOTS, h, p, n, dt=torch.float32),
-        replay_x=rand(NUM_SLOTS, CAPACITY, h, p) if replay else None,
-        replay_dt=rand(NUM_SLOTS, CAPACITY, h, scale=0.7) if replay else None,
-        replay_B=rand(NUM_SLOTS, CAPACITY, g, n) if replay else None,
+        ssm_state=rand(num_slots, h, p, n, dt=torch.float32),
+        replay_x=rand(num_slots, CAPACITY, h, p) if replay else None,
+        replay_dt=rand(num_slots, CAPACITY, h, scale=0.7) if replay else None,
+        replay_B=rand(num_slots, CAPACITY, g, n) if replay else None,
         slots=slots.int().to(DEVICE),
     )
     return args, [m.to(DEVICE) for m in meta]
