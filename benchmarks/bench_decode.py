@@ -75,8 +75,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--hf", action="store_true", help="also time transformers generate()")
     ap.add_argument("--compile", nargs="+", default=["cudagraph"], help="compile modes to time side by side")
-    ap.add_argument("--configs", nargs="+", metavar="MODE:ATTN",
-                    help="explicit (compile mode, attention backend) pairs instead of --compile x --attn")
+    ap.add_argument("--configs", nargs="+", metavar="MODE:ATTN[:SSM]",
+                    help="explicit (compile mode, attention backend[, SSM backend]) instead of --compile x --attn")
     ap.add_argument("--attn", nargs="+", default=["auto"], help="attention backends to time side by side")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args()
@@ -87,17 +87,19 @@ def main() -> None:
     results = {"model": args.model, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                "weights_GB": weight_bytes / 1e9, "copy_TBs": bw / 1e12, "rows": []}
     g = torch.Generator().manual_seed(0)
-    pairs = ([tuple(c.split(":", 1)) for c in args.configs] if args.configs
-             else [(mode, attn) for mode in args.compile for attn in args.attn])
-    for bs, mode, attn in [(bs, mode, attn) for bs in args.batch for mode, attn in pairs]:
+    configs = ([(c.split(":") + ["triton"])[:3] for c in args.configs] if args.configs
+               else [(mode, attn, "triton") for mode in args.compile for attn in args.attn])
+    for bs, mode, attn, ssm in [(bs, *c) for bs in args.batch for c in configs]:
         prompts = torch.randint(0, model.config.vocab_size, (bs, args.prompt), generator=g).tolist()
         t0 = time.perf_counter()
         llm = LLM(model, dtype="bfloat16", device="cuda", max_batch_size=bs, page_size=16,
                   max_seq_len=args.prompt + args.new, max_num_tokens=max(2048, bs), compile_mode=mode, attn_backend=attn,
-                  ssm_backend="triton")
+                  ssm_backend=ssm)
         build = time.perf_counter() - t0
         ours(llm, [p[:32] for p in prompts], 8)  # warm-up: Triton compiles
-        row = {"batch": bs, "compile": mode, "attn": llm.gm.meta["autodeploy_backends"]["attention"], "build_s": build, "capture_s": llm.engine.runner.capture_seconds,
+        backends = llm.gm.meta["autodeploy_backends"]
+        row = {"batch": bs, "compile": mode, "attn": backends["attention"], "ssm": backends.get("ssm", ssm),
+               "build_s": build, "capture_s": llm.engine.runner.capture_seconds,
                "capture_sizes": sorted(llm.engine.runner.graphs), "capture_MiB": llm.engine.runner.capture_bytes / 2**20,
                **ours(llm, prompts, args.new)}
         state_bytes = sum(llm.cache_bytes()[p] for p in ("ssm", "conv")) * bs / (bs + 1)
@@ -109,15 +111,15 @@ def main() -> None:
         timings = llm.engine.timings
         row["host_ms_per_step"] = {k: 1e3 * v / max(llm.engine.num_steps, 1) for k, v in
                                    {**timings, **llm.engine.runner.timings}.items()}
-        if args.hf and (mode, attn) == pairs[0]:
+        if args.hf and [mode, attn, ssm] == list(configs[0]):
             row["hf_tok_s"] = hf(model, prompts, min(args.new, 64))
             row["speedup_vs_hf"] = row["decode_tok_s"] / row["hf_tok_s"]
         print(json.dumps(row), flush=True)
         results["rows"].append(row)
+        with open(os.path.join(args.out, "decode.json"), "w") as f:  # after every row: a cut run keeps its rows
+            json.dump(results, f, indent=1)
         del llm
         torch.cuda.empty_cache()
-    with open(os.path.join(args.out, "decode.json"), "w") as f:
-        json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

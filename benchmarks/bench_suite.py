@@ -1,10 +1,10 @@
-"""The GPU benchmark suite in one process: prefill, op-level overhead, sliding-window memory and
-speculative decoding (decode throughput: bench_decode.py; transforms: bench_transforms.py).
+"""The GPU benchmark suite in one process: a decode/prefill step profile, prefill, op-level
+overhead, sliding-window memory and speculative decoding (decode throughput: bench_decode.py; transforms: bench_transforms.py).
 
 Models: bench-hybrid-0.6b and bench-swa-0.7b (../shared/DEVICE.md, autodeploy/models/zoo.py),
 bf16, random seeded weights, one GPU. Everything a section prints goes to ``suite.json``.
 
-    python benchmarks/bench_suite.py --out benchmarks/results [--sections prefill overhead memory spec]
+    python benchmarks/bench_suite.py --out benchmarks/results [--sections profile prefill overhead memory spec]
 """
 
 from __future__ import annotations
@@ -104,12 +104,21 @@ def overhead(batch: int = 64, context: int = 512) -> list[dict]:
                                           page, 0, 0)
         torch.ops.autodeploy.flashinfer_cached_attention(q, k, v, kc, vc, *meta, d ** -0.5, 0, 0.0, None, -2)
 
+    def device_half():
+        meta = prepare_attention_metadata(ids, dev["seq_lens"], dev["cached_lens"], dev["slots"], dev["page_table"],
+                                          page, 0, 0)
+        torch.ops.autodeploy.flashinfer_cached_attention(q, k, v, kc, vc, *meta, d ** -0.5, 0, 0.0, None, -2)
+
     plan.plan(host, captured=False)
     q2, out = q[0].contiguous(), torch.empty(batch, hq, d, device="cuda", dtype=torch.bfloat16)
     raw = _sync_time(lambda: plan.eager.run(q2, (kc, vc), out=out), 200)
     ours = _sync_time(ours_attention, 200)
+    parts = {"csr_lists_us": 1e6 * _sync_time(lambda: fa.csr_page_lists(spec, host), 200),
+             "plan_us": 1e6 * _sync_time(lambda: plan.plan(host, captured=False), 200),
+             "device_half_us": 1e6 * _sync_time(device_half, 200)}
     rows.append({"op": "attention (flashinfer), decode", "batch": batch, "context": context, "raw_us": raw * 1e6,
-                 "ours_us": ours * 1e6, "overhead": ours / raw - 1})
+                 "ours_us": ours * 1e6, "overhead": ours / raw - 1, **parts,
+                 "plan_profile": _host_profile(lambda: plan.plan(host, captured=False))})
     print(json.dumps(rows[-1]), flush=True)
 
     # SSM: bench-hybrid's mixer sizes
@@ -140,6 +149,93 @@ def overhead(batch: int = 64, context: int = 512) -> list[dict]:
     rows.append({"op": "ssm decode (ours: Triton cached scan; raw: flashinfer selective_state_update)",
                  "batch": batch, "raw_us": raw * 1e6, "ours_us": ours * 1e6, "overhead": ours / raw - 1})
     print(json.dumps(rows[-1]), flush=True)
+    from autodeploy.custom_ops import flashinfer_ssd_scan  # noqa: F401  (the flashinfer SSM backend's op)
+
+    fop = torch.ops.autodeploy.flashinfer_cached_ssd_scan.default
+
+    def ours_flashinfer_ssm():
+        meta = prepare_ssm_metadata(ids, dev["seq_lens"], dev["cached_lens"], dev["accepted_lens"], dev["verify"])
+        fop(x, dt, A, B, C, D, dt_bias, state, None, None, None, dev["slots"], *meta, True, 0.0, float("inf"), 128)
+
+    ours = _sync_time(ours_flashinfer_ssm, 200)
+    rows.append({"op": "ssm decode (ours: flashinfer SSM backend op; raw: flashinfer selective_state_update)",
+                 "batch": batch, "raw_us": raw * 1e6, "ours_us": ours * 1e6, "overhead": ours / raw - 1})
+    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _host_profile(fn, repeat: int = 50, top: int = 12) -> list[str]:
+    """cProfile of ``fn`` on the host: the functions with the most own time (where a plan's time goes)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(repeat):
+        fn()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    return [line for line in text.getvalue().splitlines() if line.strip()][-top - 1:]
+
+
+# -- profile: kernel time vs gaps vs host time -----------------------------------------------------
+def _kernels(fn) -> tuple[float, int, list[dict]]:
+    """(sum of kernel µs, kernel count, top kernels by total µs) of one call of ``fn`` (torch.profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in events)
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:10]
+    return total, sum(e.count for e in events), [
+        {"kernel": e.key[:90], "us": e.self_device_time_total, "count": e.count} for e in top]
+
+
+def profile(models: list[str], batches=(1, 64), context: int = 512) -> list[dict]:
+    """Where a decode step's time goes (CUDA graphs, Triton backends): the runner's whole step
+    (host input fill + plans + replay + logits copy), the graph replay alone (back to back, GPU
+    bound), and the sum of the kernels' own times in one eager run of the same graph. replay -
+    kernels = the gaps between kernels inside the graph; step - replay = host time per step. Also a
+    2k-token prefill step (eager: prefill steps are not captured): kernel sum vs wall time."""
+    from autodeploy.runtime.batch import LaneInput
+
+    rows = []
+    for name in models:
+        model = build_model(name, dtype=torch.bfloat16, device="cuda")
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        llm = LLM(model, max_batch_size=max(batches), max_seq_len=2048 + 16, max_num_tokens=2048,
+                  compile_mode="cudagraph", attn_backend="triton", ssm_backend="triton", **BF16)
+        runner = llm.engine.runner
+        pages = -(-(context + 1) // 16)
+        for bs in batches:
+            lanes = [LaneInput([7], context, 1 + i, list(range(1 + i * pages, 1 + (i + 1) * pages))) for i in range(bs)]
+            step = _sync_time(lambda: runner.run(lanes), 100)
+            size = min(s for s in runner.graphs if s >= bs)
+            replay = _sync_time(runner.graphs[size][0].replay, 100)
+            args = runner._args(runner.inputs.fill(lanes))
+            runner._plan(captured=False)
+            with torch.no_grad():
+                kernel_us, count, top = _kernels(lambda: runner.fn(*args))
+            row = {"model": name, "kind": "decode", "batch": bs, "context": context, "step_us": step * 1e6,
+                   "replay_us": replay * 1e6, "kernel_us": kernel_us, "kernels": count,
+                   "gaps_us": replay * 1e6 - kernel_us, "host_us": (step - replay) * 1e6,
+                   "weights_floor_us": weight_bytes / 3.0e12 * 1e6, "top": top}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        prompt = LaneInput(list(range(2048)), 0, 1, list(range(1, 1 + 2048 // 16 + 1)))
+        wall = _sync_time(lambda: runner.run([prompt]), 5)
+        args = runner._args(runner.inputs.fill([prompt]))
+        runner._plan(captured=False)
+        with torch.no_grad():
+            kernel_us, count, top = _kernels(lambda: runner.fn(*args))
+        row = {"model": name, "kind": "prefill", "tokens": 2048, "step_us": wall * 1e6, "kernel_us": kernel_us,
+               "kernels": count, "host_and_gaps_us": wall * 1e6 - kernel_us, "top": top}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del llm, model
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -228,7 +324,7 @@ def spec(k: int = 4, new: int = 256) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sections", nargs="+", default=["prefill", "overhead", "memory", "spec"])
+    ap.add_argument("--sections", nargs="+", default=["profile", "prefill", "overhead", "memory", "spec"])
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -236,7 +332,9 @@ def main() -> None:
     for section in args.sections:
         t0 = time.perf_counter()
         try:
-            if section == "prefill":
+            if section == "profile":
+                results[section] = profile(["bench-hybrid-0.6b", "bench-swa-0.7b"])
+            elif section == "prefill":
                 results[section] = prefill(["bench-hybrid-0.6b", "bench-swa-0.7b"])
             elif section == "overhead":
                 results[section] = overhead()

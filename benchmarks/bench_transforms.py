@@ -87,11 +87,11 @@ def main() -> None:
                 row[f"step_ms_bs{bs}"] = step_ms(llm, lanes)
             print(json.dumps(row), flush=True)
             results["rows"].append(row)
+            with open(os.path.join(args.out, "transforms.json"), "w") as f:  # after every row
+                json.dump(results, f, indent=1)
             del llm
             torch.cuda.empty_cache()
         del model
-    with open(os.path.join(args.out, "transforms.json"), "w") as f:
-        json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -24,13 +24,13 @@ def _load(path: str) -> dict:
 def decode(data: dict, out: str) -> None:
     rows = data["rows"]
     batches = sorted({r["batch"] for r in rows})
-    configs = sorted({(r["compile"], r["attn"]) for r in rows})
+    configs = sorted({(r["compile"], r["attn"], r.get("ssm", "triton")) for r in rows})
     fig, ax = plt.subplots(figsize=(8, 4.5))
     width = 0.8 / (len(configs) + 2)
-    for i, (mode, attn) in enumerate(configs):
-        ys = [next((r["decode_tok_s"] for r in rows if r["batch"] == b and (r["compile"], r["attn"]) == (mode, attn)), 0)
-              for b in batches]
-        ax.bar([j + i * width for j in range(len(batches))], ys, width, label=f"autodeploy {mode}, {attn}")
+    for i, (mode, attn, ssm) in enumerate(configs):
+        ys = [next((r["decode_tok_s"] for r in rows if r["batch"] == b
+                    and (r["compile"], r["attn"], r.get("ssm", "triton")) == (mode, attn, ssm)), 0) for b in batches]
+        ax.bar([j + i * width for j in range(len(batches))], ys, width, label=f"autodeploy {mode}, attn {attn}, ssm {ssm}")
     hf = [next((r["hf_tok_s"] for r in rows if r["batch"] == b and "hf_tok_s" in r), 0) for b in batches]
     floor = [next(r["floor_tok_s"] for r in rows if r["batch"] == b) for b in batches]
     ax.bar([j + len(configs) * width for j in range(len(batches))], hf, width, label="transformers generate()")
@@ -47,9 +47,12 @@ def decode(data: dict, out: str) -> None:
 
 def transforms(datas: list[dict], out: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    by_model: dict[str, list[dict]] = {}
+    for data in datas:
+        for r in data["rows"]:
+            by_model.setdefault(r["model"], []).append(r)
     for ax, bs in zip(axes, (1, 64)):
-        for data in datas:
-            rows = data["rows"]
+        for rows in by_model.values():
             labels = ["none"] + [r["added"].replace("match_", "") for r in rows[1:]]
             ax.plot(range(len(rows)), [r[f"step_ms_bs{bs}"] for r in rows], marker="o", label=rows[0]["model"])
         ax.set_xticks(range(len(labels)), [("+" if i else "") + l for i, l in enumerate(labels)], rotation=25,
@@ -82,15 +85,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default="benchmarks/results")
     ap.add_argument("--out", default="benchmarks/plots")
-    ap.add_argument("--decode", default="decode_2026-11-25_session4.json")
-    ap.add_argument("--transforms", nargs="+", default=["transforms_hybrid_2026-11-25.json",
-                                                        "transforms_swa_2026-11-25.json"])
-    ap.add_argument("--suite", default="suite_2026-11-25.json")
+    ap.add_argument("--decode", default="decode.json")
+    ap.add_argument("--transforms", nargs="+", default=["transforms.json"])
+    ap.add_argument("--suite", default="suite.json")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    decode(_load(os.path.join(args.results, args.decode)), args.out)
-    transforms([_load(os.path.join(args.results, f)) for f in args.transforms], args.out)
-    memory(_load(os.path.join(args.results, args.suite))["memory"], args.out)
+    path = lambda name: os.path.join(args.results, name)  # noqa: E731
+    if os.path.exists(path(args.decode)):
+        decode(_load(path(args.decode)), args.out)
+    if all(os.path.exists(path(f)) for f in args.transforms):
+        transforms([_load(path(f)) for f in args.transforms], args.out)
+    suite = _load(path(args.suite)) if os.path.exists(path(args.suite)) else {}
+    if isinstance(suite.get("memory"), list):
+        memory(suite["memory"], args.out)
     print("wrote", sorted(os.listdir(args.out)))
 
 

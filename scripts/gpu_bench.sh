@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Every GPU benchmark in one call (about 9 minutes on an H100 with the flashinfer builds carried in
-# .fi_cache/): decode throughput, the performance transforms, prefill / op overhead / memory /
-# speculation. JSON results go to $OUT; `python benchmarks/plot.py` turns them into PNGs and
-# benchmarks/RESULTS.md holds the tables. Extra arguments go to bench_decode.py.
+# Every GPU benchmark in one call (one 10-minute device call on an H100 with the flashinfer builds
+# carried in .fi_cache/): decode throughput, the performance transforms, the step profile, prefill,
+# op overhead, memory and speculation. JSON results go to $OUT as they are measured (a section cut
+# short keeps what it finished), then benchmarks/report.py writes $OUT/RESULTS_run.md and
+# benchmarks/plot.py the PNGs (where matplotlib is installed; otherwise run it later from the JSON).
+# Extra arguments go to bench_decode.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
   export PYTHONPATH=/tmp/site
@@ -15,8 +18,12 @@ if compgen -G ".fi_cache/fi_cache.tgz.*" > /dev/null; then
   mkdir -p ~/.cache && cat .fi_cache/fi_cache.tgz.* | tar xzf - -C ~/.cache
 fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD:$PWD/tests"
-quiet() { grep -v '^\[transformers\]\|_warn_once\|UserWarning'; }
-python3 benchmarks/bench_decode.py --out "$OUT" --batch 1 8 64 \
-  --configs cudagraph:triton cudagraph:flashinfer torch-opt:triton --hf "$@" 2>&1 | quiet
-python3 benchmarks/bench_transforms.py --out "$OUT" 2>&1 | quiet
-python3 benchmarks/bench_suite.py --out "$OUT" 2>&1 | quiet
+quiet() { grep -v '^\[transformers\]\|_warn_once\|UserWarning\|warnings.warn'; }
+section() { local limit=$1; shift; local t0=$SECONDS; timeout "$limit" python3 "$@" 2>&1 | quiet; echo "== $1: $((SECONDS - t0)) s"; }
+section 230 benchmarks/bench_decode.py --out "$OUT" --batch 1 8 64 --hf \
+  --configs cudagraph:triton:triton cudagraph:flashinfer:triton cudagraph:triton:flashinfer torch-opt:triton:triton "$@"
+section 170 benchmarks/bench_suite.py --out "$OUT"
+section 110 benchmarks/bench_transforms.py --out "$OUT"
+python3 benchmarks/report.py --results "$OUT" > "$OUT/RESULTS_run.md"
+python3 -c "import matplotlib" 2>/dev/null && python3 benchmarks/plot.py --results "$OUT" --out "$OUT"
+true
