@@ -1,7 +1,8 @@
 """Which cached op implements each op family on each backend, and which backend to use.
 
 Backends are chosen per op family (``attention``, ``ssd_scan``, ``causal_conv1d``). ``"auto"``
-picks the fastest one that is available on the device: flashinfer > triton > torch on a GPU,
+picks the fastest one that is available on the device and dtype: flashinfer (float16/bfloat16
+models) > triton > torch on a GPU,
 torch on the CPU (the torch backend is the oracle and runs everywhere; Triton runs on the CPU
 only when asked for, under ``TRITON_INTERPRET=1``, for tests). A backend module is imported only when chosen, so a
 CPU user never imports Triton. Requesting a backend that cannot run is an error that says why.
@@ -39,8 +40,12 @@ PREFERENCE = ("flashinfer", "triton", "torch")
 NOT_YET_AUTO = {("ssd_scan", "flashinfer"), ("causal_conv1d", "flashinfer")}
 
 
-def unavailable_reason(backend: str, device: str) -> str | None:
-    """Why ``backend`` cannot run on ``device``, or None if it can."""
+FLASHINFER_DTYPES = ("float16", "bfloat16")  # its attention and Mamba kernels are built for these
+
+
+def unavailable_reason(backend: str, device: str, dtype: str | None = None) -> str | None:
+    """Why ``backend`` cannot run on ``device`` for a model in ``dtype`` (a DeployConfig dtype name;
+    None: any), or None if it can."""
     on_cuda = str(device).startswith("cuda")
     if backend == "torch":
         return None
@@ -57,21 +62,23 @@ def unavailable_reason(backend: str, device: str) -> str | None:
             return "flashinfer is not installed (pip install flashinfer-python)"
         if not on_cuda:
             return f"flashinfer needs a CUDA device (device is {device!r})"
+        if dtype is not None and dtype not in FLASHINFER_DTYPES:
+            return f"flashinfer's kernels take {' or '.join(FLASHINFER_DTYPES)} (dtype is {dtype!r})"
         return None
     return f"unknown backend {backend!r}; known: {list(PREFERENCE)} or 'auto'"
 
 
-def resolve(family: str, requested: str, device: str) -> str:
+def resolve(family: str, requested: str, device: str, dtype: str | None = None) -> str:
     """The backend to use for ``family``: ``requested`` if it can run, the best available one for
     ``"auto"``; ValueError naming the reason otherwise."""
     known = CACHED_OPS[family]
     if requested == "auto":  # the interpreter is for tests: on the CPU, auto means torch
         on_cuda = str(device).startswith("cuda")
-        return next(b for b in PREFERENCE if b in known and unavailable_reason(b, device) is None
+        return next(b for b in PREFERENCE if b in known and unavailable_reason(b, device, dtype) is None
                     and (on_cuda or b == "torch") and (family, b) not in NOT_YET_AUTO)
     if requested not in known:
         raise ValueError(f"no {requested!r} backend for {family}; known: {sorted(known)} or 'auto'")
-    reason = unavailable_reason(requested, device)
+    reason = unavailable_reason(requested, device, dtype)
     if reason:
         raise ValueError(f"{family} backend {requested!r} is unavailable: {reason}")
     return requested

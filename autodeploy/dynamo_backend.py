@@ -487,7 +487,9 @@ def _lower(gm: GraphModule, record: GraphRecord, ssm_backend: str) -> None:
                 node.target, impl = sdpa_attention, "sdpa"
         else:
             family = CANONICAL[node.target]
-            backend = backends.resolve(family, ssm_backend, _device_of(node))
+            val = _val(node.args[0]) if node.args and isinstance(node.args[0], Node) else None
+            dtype = str(val.dtype).removeprefix("torch.") if isinstance(val, torch.Tensor) else None
+            backend = backends.resolve(family, ssm_backend, _device_of(node), dtype)
             if node.target == CAUSAL_CONV1D:
                 activation = node.args[3] if len(node.args) > 3 else node.kwargs.get("activation", "")
                 if backend == "triton" and ACTIVATIONS.get(activation, 0) in (None, F.silu):

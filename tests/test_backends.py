@@ -25,6 +25,23 @@ def test_auto_picks_the_best_available_and_bad_requests_say_why(monkeypatch):
     assert backends.resolve("attention", "triton", "cpu") == "triton"
 
 
+def test_auto_skips_flashinfer_for_float32_models(monkeypatch):
+    """flashinfer's kernels are built for float16/bfloat16: a float32 model on a GPU gets Triton
+    from auto, and asking for flashinfer says why (found on the H100: auto once picked it for a
+    float32 model and flashinfer failed inside plan() with a KeyError)."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flashinfer" else real_find_spec(name))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert backends.resolve("attention", "auto", "cuda", "bfloat16") == "flashinfer"
+    assert backends.resolve("attention", "auto", "cuda", "float32") == "triton"
+    with pytest.raises(ValueError, match="flashinfer's kernels take float16 or bfloat16 \\(dtype is 'float32'\\)"):
+        backends.resolve("attention", "flashinfer", "cuda", "float32")
+    with pytest.raises(ValueError, match="dtype is 'float32'"):
+        _backends(DeployConfig(device="cuda", ssm_backend="flashinfer"))
+
+
 def test_triton_attention_backend_gives_the_torch_backend_tokens():
     """Gemma3 (sliding window 16 + full attention) with the Triton attention kernel under the
     interpreter: greedy tokens equal the torch backend's for prompts past the window."""
