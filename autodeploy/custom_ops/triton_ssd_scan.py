@@ -113,6 +113,8 @@ def _cached_ssd_scan_kernel(
     end = tl.where(mine, end, start)
     replay = tl.where(mine, replay, 0)
     continues = continues & mine
+    if (end == start) & (replay <= 0):  # nothing to scan, replay or store (padding, the other variant's lanes)
+        return
 
     offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
@@ -307,7 +309,9 @@ def launch_cached_ssd_scan(x, dt, A, B, C, D, dt_bias, ssm_state, replay_x, repl
     block_n = max(16, triton.next_power_of_2(n))
     block_t = max(16, min(_MAX_CHUNK_TILE, triton.next_power_of_2(chunk_size)))
 
-    for chunked in (False, True):  # the recurrent (decode, verify, short) lanes, then the long ones
+    # the recurrent (decode, verify, short) lanes, then the long ones; a step of fewer tokens than
+    # CHUNKED_MIN_TOKENS has no long lane (a shape fact, so a captured graph stays valid)
+    for chunked in (False, True) if num_tokens >= CHUNKED_MIN_TOKENS else (False,):
         _cached_ssd_scan_kernel[(lanes, h, triton.cdiv(p, block_p))](
             x0, dt0, A, B0, C0, D if D is not None else A, dt_bias if dt_bias is not None else A, y0, ssm_state,
             rx, rdt, rB,
