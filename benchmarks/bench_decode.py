@@ -79,6 +79,7 @@ def main() -> None:
                     help="explicit (compile mode, attention backend[, SSM backend]) instead of --compile x --attn")
     ap.add_argument("--attn", nargs="+", default=["auto"], help="attention backends to time side by side")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--append", action="store_true", help="add the rows to an existing decode.json")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     model = build_model(args.model, dtype=torch.bfloat16, device="cuda")
@@ -86,6 +87,10 @@ def main() -> None:
     bw = copy_bandwidth()
     results = {"model": args.model, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                "weights_GB": weight_bytes / 1e9, "copy_TBs": bw / 1e12, "rows": []}
+    path = os.path.join(args.out, "decode.json")
+    if args.append and os.path.exists(path):
+        with open(path) as f:
+            results["rows"] = json.load(f)["rows"]
     g = torch.Generator().manual_seed(0)
     configs = ([(c.split(":") + ["triton"])[:3] for c in args.configs] if args.configs
                else [(mode, attn, "triton") for mode in args.compile for attn in args.attn])
@@ -116,7 +121,7 @@ def main() -> None:
             row["speedup_vs_hf"] = row["decode_tok_s"] / row["hf_tok_s"]
         print(json.dumps(row), flush=True)
         results["rows"].append(row)
-        with open(os.path.join(args.out, "decode.json"), "w") as f:  # after every row: a cut run keeps its rows
+        with open(path, "w") as f:  # after every row: a cut run keeps its rows
             json.dump(results, f, indent=1)
         del llm
         torch.cuda.empty_cache()

@@ -20,10 +20,16 @@ fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD:$PWD/tests"
 quiet() { grep -v '^\[transformers\]\|_warn_once\|UserWarning\|warnings.warn'; }
 section() { local limit=$1; shift; local t0=$SECONDS; timeout "$limit" python3 "$@" 2>&1 | quiet; echo "== $1: $((SECONDS - t0)) s"; }
-section 230 benchmarks/bench_decode.py --out "$OUT" --batch 1 8 64 --hf \
-  --configs cudagraph:triton:triton cudagraph:flashinfer:triton cudagraph:triton:flashinfer torch-opt:triton:triton "$@"
-section 170 benchmarks/bench_suite.py --out "$OUT"
+# CUDA-graph configurations at every batch size; inductor (torch-opt, ~40 s of compiling per build)
+# only where it won before, batch 64 (bench_decode appends its rows to the same decode.json)
+section 170 benchmarks/bench_decode.py --out "$OUT" --batch 1 8 64 --hf \
+  --configs cudagraph:triton:triton cudagraph:flashinfer:triton cudagraph:triton:flashinfer "$@"
+section 70 benchmarks/bench_decode.py --out "$OUT" --batch 64 --append --configs torch-opt:triton:flashinfer
+section 200 benchmarks/bench_suite.py --out "$OUT"
 section 110 benchmarks/bench_transforms.py --out "$OUT"
 python3 benchmarks/report.py --results "$OUT" > "$OUT/RESULTS_run.md"
 python3 -c "import matplotlib" 2>/dev/null && python3 benchmarks/plot.py --results "$OUT" --out "$OUT"
+if [ -d ~/.cache/flashinfer ]; then  # bring the JIT builds back (new variants are built during the run)
+  tar czf - -C ~/.cache flashinfer | split -b 15M - "$OUT/fi_cache.tgz."
+fi
 true

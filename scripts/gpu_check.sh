@@ -23,10 +23,20 @@ fi
   python3 -c "import flashinfer; print('flashinfer', flashinfer.__version__)" 2>&1 | tail -1
 } | tee "$OUT/env.txt"
 status=0
-python3 -m pytest -q -o log_level=WARNING -p no:cacheprovider -m gpu tests/test_gpu.py "$@" 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -25 || status=1
-if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then  # tensor parallelism with NCCL needs two GPUs
-  python3 -m pytest -q -o log_level=WARNING -p no:cacheprovider -m gpu tests/test_tensor_parallel.py 2>&1 \
-    | tee "$OUT/pytest_tp.txt" | tail -5 || status=1
+PYTEST="python3 -m pytest -q -o log_level=WARNING -p no:cacheprovider"
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  # two GPUs: the model-level tests in two halves side by side (one 10-minute call holds them), and
+  # tensor parallelism with NCCL over both
+  (CUDA_VISIBLE_DEVICES=0 $PYTEST -m gpu tests/test_gpu.py -k "not cuda_graphs_give and not dynamo" "$@" \
+    > "$OUT/pytest_gpu.txt" 2>&1) & first=$!
+  (CUDA_VISIBLE_DEVICES=1 $PYTEST -m gpu tests/test_gpu.py -k "cuda_graphs_give or dynamo" "$@" \
+    > "$OUT/pytest_gpu2.txt" 2>&1) & second=$!
+  $PYTEST -m gpu tests/test_tensor_parallel.py > "$OUT/pytest_tp.txt" 2>&1 || status=1
+  wait $first || status=1
+  wait $second || status=1
+  tail -n 5 "$OUT/pytest_gpu.txt" "$OUT/pytest_gpu2.txt" "$OUT/pytest_tp.txt"
+else
+  $PYTEST -m gpu tests/test_gpu.py "$@" 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -25 || status=1
 fi
 python3 -m pytest -q -o log_level=WARNING -p no:cacheprovider tests/custom_ops/test_triton_attention.py \
   tests/custom_ops/test_triton_ssd_scan.py tests/custom_ops/test_triton_causal_conv1d.py tests/custom_ops/test_perf_ops.py 2>&1 \

@@ -5,7 +5,9 @@ launch attends every lane of the step at once, decode and prefill mixed, instead
 Each program takes a block of one lane's queries times the query heads that share one KV head
 (GQA/MQA), gathers that lane's keys through ``page_list`` and runs an online softmax in float32
 with the causal mask, sliding window, soft-cap and sinks. The grid and the block -> lane map come
-from tensor shapes and torch ops only, so the op never syncs with the host (CUDA-graph safe).
+from tensor shapes and torch ops only, so the op never syncs with the host (CUDA-graph safe). Decode
+steps split each block's keys over several programs and merge their softmax pieces in a second
+kernel (split-KV, see ``num_key_splits``).
 
 Needs a GPU to launch, or ``TRITON_INTERPRET=1`` set before this module is imported (CPU tests).
 """
@@ -28,10 +30,11 @@ def _paged_attention_kernel(
     stride_ot, stride_oh, stride_od,
     stride_cp, stride_co, stride_ch, stride_cd,
     stride_pl, stride_pp,
+    part_acc_ptr, part_m_ptr, part_l_ptr, num_tokens, num_q_heads,
     scale, sliding_window, soft_cap,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_SOFT_CAP: tl.constexpr, HAS_SINKS: tl.constexpr, DOTS_IN_FP32: tl.constexpr,
+    HAS_SOFT_CAP: tl.constexpr, HAS_SINKS: tl.constexpr, DOTS_IN_FP32: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):
     # Tile rows are (query token, head of the GQA group) pairs: row r = token r // BLOCK_G of this
     # block, query head kv_head * GROUP + r % BLOCK_G. Padded rows/columns are masked everywhere.
@@ -59,9 +62,11 @@ def _paged_attention_kernel(
         q = q.to(tl.float32)  # K, V and P follow q's dtype into the dots
 
     # The sink is one extra logit with a zero value vector: start the running softmax from it.
-    if HAS_SINKS:
-        m_i = tl.load(sinks_ptr + head, mask=row_ok, other=0.0).to(tl.float32)
-        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+    split = tl.program_id(2)
+    if HAS_SINKS:  # counted once: by the first split
+        sink = tl.load(sinks_ptr + head, mask=row_ok, other=0.0).to(tl.float32)
+        m_i = tl.where(split == 0, sink, -1.0e30)
+        l_i = tl.where(split == 0, 1.0, 0.0) + tl.zeros([BLOCK_M], tl.float32)
     else:
         m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: fully masked rows stay NaN-free
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -71,6 +76,10 @@ def _paged_attention_kernel(
     n_valid = tl.minimum(lane_end - q_first, BLOCK_Q)
     key_lo = tl.min(tl.where(row_ok, lo_row, kv_len), axis=0)
     key_hi = tl.where(n_valid > 0, kv_len - (lane_end - q_first) + n_valid, key_lo)
+    if NUM_SPLITS > 1:  # this program's share of the keys: a run of 16-key multiples
+        span = tl.cdiv(tl.maximum(key_hi - key_lo, 0), NUM_SPLITS * 16) * 16
+        key_lo = key_lo + split * span
+        key_hi = tl.minimum(key_hi, key_lo + span)
     first_page = kv_start // PAGE_SIZE
     for block_start in range(key_lo, key_hi, BLOCK_N):
         keys = block_start + tl.arange(0, BLOCK_N)
@@ -96,9 +105,36 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
 
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :] * stride_od,
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :] * stride_od,
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    else:  # unnormalized partial results, merged by _combine_splits_kernel
+        row = (split * num_tokens + token) * num_q_heads + head  # [splits, T, hq] layout
+        tl.store(part_m_ptr + row, m_i, mask=row_ok)
+        tl.store(part_l_ptr + row, l_i, mask=row_ok)
+        tl.store(part_acc_ptr + row[:, None] * BLOCK_D + dims[None, :], acc, mask=row_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit
+def _combine_splits_kernel(part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, num_tokens, num_q_heads,
+                           stride_ot, stride_oh, stride_od,
+                           HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
+    """One (token, query head): the splits' softmax pieces rescaled to their common maximum."""
+    token, head = tl.program_id(0), tl.program_id(1)
+    splits = tl.arange(0, BLOCK_S)
+    split_ok = splits < NUM_SPLITS
+    row = (splits * num_tokens + token) * num_q_heads + head
+    m = tl.load(part_m_ptr + row, mask=split_ok, other=-1.0e30)
+    l_ = tl.load(part_l_ptr + row, mask=split_ok, other=0.0)
+    weight = tl.exp(m - tl.max(m, axis=0))
+    total = tl.sum(l_ * weight, axis=0)
+    dims = tl.arange(0, BLOCK_D)
+    acc = tl.load(part_acc_ptr + row[:, None] * BLOCK_D + dims[None, :], mask=split_ok[:, None], other=0.0)
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + dims * stride_od, out.to(out_ptr.dtype.element_ty),
+             mask=dims < HEAD_DIM)
 
 
 # Triton's interpreter (3.9) multiplies bfloat16 tl.dot operands as their raw uint16 bits, so under
@@ -153,18 +189,48 @@ def triton_cached_attention(
     block_in_lane = block_ids - (blocks_end[block_lane] - (lens[block_lane] + block_q - 1) // block_q)
     block_first = torch.minimum(cu_seqlens[block_lane] + block_in_lane * block_q, cu_seqlens[block_lane + 1])
 
-    _paged_attention_kernel[(grid_blocks, hkv)](
+    block_d = max(16, triton.next_power_of_2(d))
+    splits = num_key_splits(num_tokens, page_list.shape[0], page_list.shape[1] * page_size)
+    if splits > 1:  # float32 partial results, [splits, T, hq] rows
+        part_acc = torch.empty(splits * num_tokens * hq, block_d, dtype=torch.float32, device=q.device)
+        part_m, part_l = (torch.empty(splits * num_tokens * hq, dtype=torch.float32, device=q.device) for _ in "ml")
+    else:
+        part_acc = part_m = part_l = out
+    _paged_attention_kernel[(grid_blocks, hkv, splits)](
         q[0], out[0], k_cache, v_cache, sinks if sinks is not None else q,
         block_lane, block_first, cu_seqlens, kv_start, kv_len, page_list,
         *q[0].stride(), *out[0].stride(), *k_cache.stride(), *page_list.stride(),
+        part_acc, part_m, part_l, num_tokens, hq,
         scale, sliding_window, soft_cap,
         HEAD_DIM=d, PAGE_SIZE=page_size, GROUP=group, BLOCK_G=block_g, BLOCK_Q=block_q,
-        BLOCK_N=max(16, min(64, triton.next_power_of_2(page_size))),
-        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK_N=64 if d <= 128 else 32,  # keys map to pages one by one: a block may span pages
+        BLOCK_D=block_d,
         HAS_SOFT_CAP=soft_cap > 0, HAS_SINKS=sinks is not None,
-        DOTS_IN_FP32=_INTERPRETED and q.dtype == torch.bfloat16,
+        DOTS_IN_FP32=_INTERPRETED and q.dtype == torch.bfloat16, NUM_SPLITS=splits,
     )
+    if splits > 1:
+        _combine_splits_kernel[(num_tokens, hq)](
+            part_acc, part_m, part_l, out[0], num_tokens, hq, *out[0].stride(),
+            HEAD_DIM=d, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d)
     return out
+
+
+# Split-KV ("flash decoding"): a decode step has one query row block per lane and KV head, too few
+# programs to fill the GPU, each walking every key of its lane; splitting the keys of each block
+# over NUM_SPLITS programs and merging their softmax pieces restores the parallelism. Decided from
+# shapes only (the step's token count against its lanes, the page list's key capacity), so a
+# captured graph keeps its split.
+SPLIT_MIN_KEYS = 512  # lanes that can hold fewer keys are not split
+KEYS_PER_SPLIT = 256
+MAX_SPLITS = 16
+
+
+def num_key_splits(num_tokens: int, num_lanes: int, max_keys: int) -> int:
+    """How many programs share the keys of one query block: > 1 only for decode-like steps (at
+    most one token per lane on average) whose lanes can hold at least SPLIT_MIN_KEYS keys."""
+    if num_tokens > num_lanes or max_keys < SPLIT_MIN_KEYS:
+        return 1
+    return max(1, min(MAX_SPLITS, -(-max_keys // KEYS_PER_SPLIT)))
 
 
 @triton_cached_attention.register_fake

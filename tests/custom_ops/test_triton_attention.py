@@ -121,6 +121,35 @@ def test_bfloat16(page_size):
     check_against_torch(ring, window=5, atol=2e-2, rtol=2e-2)
 
 
+@pytest.fixture
+def small_splits(monkeypatch):
+    """Split-KV at test sizes: lanes that can hold 16+ keys are split, 8 keys per split."""
+    from autodeploy.custom_ops import triton_attention
+
+    monkeypatch.setattr(triton_attention, "SPLIT_MIN_KEYS", 16)
+    monkeypatch.setattr(triton_attention, "KEYS_PER_SPLIT", 8)
+    return triton_attention
+
+
+@pytest.mark.parametrize("window", [0, 6])
+def test_split_keys_decode_matches_torch(small_splits, window):
+    # decode lanes (one token per lane) over up to 47 keys, split over several programs whose
+    # pieces are merged: some splits see no visible key at all (window, short lanes, padding lane)
+    step = make_step([1, 1, 0, 1], [46, 3, 0, 20], [1, 2, 0, 3], 4, hq=4, hkv=2, window=window, seed=13)
+    assert small_splits.num_key_splits(4, 4, step[-1][3].shape[1] * 4) > 1
+    check_against_torch(step, window=window)
+    sinks = (torch.randn(4, generator=torch.Generator().manual_seed(3)) * 2).to(DEVICE)
+    check_against_torch(step, window=window, soft_cap=2.5, sinks=sinks)  # the sink is counted once
+
+
+def test_split_keys_only_for_decode_like_steps(small_splits):
+    assert small_splits.num_key_splits(num_tokens=5, num_lanes=4, max_keys=4096) == 1  # prefill-like
+    assert small_splits.num_key_splits(num_tokens=4, num_lanes=4, max_keys=8) == 1  # short lanes
+    assert small_splits.num_key_splits(num_tokens=4, num_lanes=4, max_keys=40) == 5
+    assert small_splits.num_key_splits(num_tokens=1, num_lanes=4, max_keys=10**6) == small_splits.MAX_SPLITS
+    check_against_torch(make_step(**MIXED, page_size=4, hq=4, hkv=2, seed=14))  # T > lanes: one split
+
+
 def test_empty_step_and_opcheck():
     step = make_step([0, 0], [0, 0], [0, 0], 4, hq=4, hkv=2)
     assert check_against_torch(step).shape == (1, 0, 4, HEAD_DIM)

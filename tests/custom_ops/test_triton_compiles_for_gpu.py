@@ -91,10 +91,11 @@ def _compile_for_sm90(launches: dict) -> list[str]:
 
 def _model_steps(launches: dict) -> None:
     """Prefill (chunked, two lanes), decode, verify and replay steps of bench-hybrid-0.6b in bf16
-    through the Triton attention, SSD-scan and conv kernels."""
+    through the Triton attention (decode steps split over the keys: lanes hold up to 1024), SSD-scan
+    and conv kernels."""
     torch.manual_seed(0)
     model = build_model("bench-hybrid-0.6b", dtype=torch.bfloat16)
-    llm = LLM(model, dtype="bfloat16", device="cpu", max_batch_size=2, max_seq_len=256, max_num_tokens=64,
+    llm = LLM(model, dtype="bfloat16", device="cpu", max_batch_size=2, max_seq_len=1024, max_num_tokens=64,
               attn_backend="triton", ssm_backend="triton", compile_mode="eager",
               speculative_config={"method": "ngram", "num_speculative_tokens": 2})
     run = llm.engine.runner.run
