@@ -234,6 +234,17 @@ def profile(models: list[str], batches=(1, 64), context: int = 512) -> list[dict
                "kernels": count, "host_and_gaps_us": wall * 1e6 - kernel_us, "top": top}
         print(json.dumps(row), flush=True)
         rows.append(row)
+        del llm
+        torch.cuda.empty_cache()
+        # the same 2k prefill step replayed from a CUDA graph captured at 2048 tokens: if the eager
+        # step is host-bound (kernel launches one by one), this is the step without the host
+        llm = LLM(model, max_batch_size=1, max_seq_len=2048 + 16, max_num_tokens=2048, compile_mode="cudagraph",
+                  cuda_graph_sizes=[2048], attn_backend="triton", ssm_backend="triton", **BF16)
+        graphed = _sync_time(lambda: llm.engine.runner.run([prompt]), 5)
+        row = {"model": name, "kind": "prefill, captured", "tokens": 2048, "step_us": graphed * 1e6,
+               "kernel_us": kernel_us, "kernels": count, "host_and_gaps_us": graphed * 1e6 - kernel_us, "top": []}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
         del llm, model
         torch.cuda.empty_cache()
     return rows
