@@ -109,8 +109,8 @@ class BatchInputs:
         self._ints.copy_(self._ints_host, non_blocking=True)
         self.verify.copy_(self._verify_host, non_blocking=True)
         self.copies_done()
-        host = self._ints_host.clone()  # host halves read these after the staging is reused
-        self.host = dict(zip(("seq_lens", "cached_lens", "slots", "accepted_lens"), host[:4]),
-                         verify=self._verify_host.clone(), page_table=host[4:].T)
+        # for host halves: the step's own arrays (new every step), not the staging, which is reused
+        self.host = dict(zip(("seq_lens", "cached_lens", "slots", "accepted_lens"), torch.from_numpy(facts)),
+                         verify=torch.from_numpy(verify), page_table=torch.from_numpy(table))
         raw = (self.seq_lens, self.cached_lens, self.slots, self.page_table, self.accepted_lens, self.verify)
         return dict(zip(STEP_INPUTS, (self.input_ids[:, :total], self.position_ids[:, :total], *raw)))

@@ -39,3 +39,21 @@ def test_sliding_window_metadata_stays_in_the_window_and_the_ring():
     # the ring never evicts a key inside the window of the step's first query
     needed = range(start[0] // page, (length[0] - 1) // page + 1)
     assert len({p % ring for p in needed}) == len(needed)
+
+
+def test_batch_inputs_host_copy_matches_the_device_buffers_and_survives_the_next_fill():
+    """Host halves (flashinfer plans) read ``BatchInputs.host``: the step's raw inputs as the graph
+    sees them, unchanged when the next step is filled."""
+    from autodeploy.runtime.batch import BatchInputs, LaneInput
+
+    batch = BatchInputs(3, 16, 4)
+    lanes = [LaneInput([5, 6, 7], 2, 1, [3, 4]), LaneInput([8], 9, 2, [1], accepted=1, verify=True)]
+    inputs = batch.fill(lanes, pad_to=6)
+    host = batch.host
+    for name in ("seq_lens", "cached_lens", "slots", "accepted_lens", "verify", "page_table"):
+        assert torch.equal(host[name], inputs[name].cpu()), name
+    assert host["seq_lens"].tolist() == [3, 1, 0, 2]  # the padding lane takes the 2 padded tokens
+    assert host["page_table"][0].tolist() == [3, 4, 0, 0]
+    before = {k: v.clone() for k, v in host.items()}
+    batch.fill([LaneInput([1], 0, 3, [2])])
+    assert all(torch.equal(host[k], before[k]) for k in before)
