@@ -140,6 +140,25 @@ def _match(rsqrt: Node) -> _Match | None:
     return _Match(x, gate, weight, float(add.args[1]), group_size, offset, cast_first, end)
 
 
+def _absorb_upcast(graph, x: Node, cast_first: bool) -> tuple[Node, bool]:
+    """The norm's input and cast_first, with an exact upcast before it absorbed.
+
+    NemotronH's mixer casts its bf16 scan output to float32 (then reshapes it) before the gated
+    norm: a cast kernel per layer per step. The op upcasts by itself, so it can read the narrow
+    tensor (reshaped first: views commute with casts). Eager's cast back to x's dtype was a no-op
+    (float32) there, so the op must not round to the narrow type: it multiplies weight and y in
+    float32 instead (cast_first False), which is what eager's type promotion computed."""
+    view = x if is_op(x, aten.view.default, aten.reshape.default) else None
+    cast = view.args[0] if view is not None else x
+    if not (_to_float(cast) and _val(cast.args[0]).dtype in (torch.bfloat16, torch.float16)):
+        return x, cast_first
+    narrow = cast.args[0]
+    if view is not None:
+        narrow = graph.call_function(aten.reshape.default, (narrow, *view.args[1:]))
+        narrow.meta["val"] = _val(view).to(_val(cast.args[0]).dtype)
+    return narrow, False
+
+
 def _no_op_cast(node) -> bool:
     """``to(t, t.dtype)``: transformers casts the residual stream to the norm weight's dtype."""
     return (is_op(node, aten.to.dtype) and isinstance(node.args[0], Node)
@@ -194,8 +213,9 @@ class MatchRMSNorm(Transform):
                 continue
             out_dtype = _val(m.end).dtype
             with graph.inserting_before(m.end):
-                new = graph.call_function(RMS_NORM, (m.x, m.weight, m.gate, m.eps, m.group_size, m.weight_offset,
-                                                     m.cast_first, out_dtype))
+                x, cast_first = _absorb_upcast(graph, m.x, m.cast_first)
+                new = graph.call_function(RMS_NORM, (x, m.weight, m.gate, m.eps, m.group_size, m.weight_offset,
+                                                     cast_first, out_dtype))
             new.meta.update({k: v for k, v in m.end.meta.items() if k in ("val", "nn_module_stack")})
             m.end.replace_all_uses_with(new)
             _erase_dead(m.end)

@@ -117,6 +117,7 @@ def _small_ops() -> None:
     for dtype in (bf16, f32):
         triton_rms_norm(x.to(dtype), w, None, 1e-6, 0, 0.0, True, bf16)
         triton_rms_norm(x.to(dtype), w, x, 1e-6, 256, 0.0, False, bf16)  # gated, grouped (Mamba2)
+        triton_rms_norm(x, w, x.to(dtype), 1e-6, 256, 0.0, False, f32)  # NemotronH: bf16 in, float32 out
         triton_fused_add_rms_norm(x, x.to(dtype), w, 1e-6, 1.0, False, dtype)
     gate_up = torch.randn(3, 2 * 4096, dtype=bf16)
     for act in ("silu", "gelu", "gelu_tanh"):

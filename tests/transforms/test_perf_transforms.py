@@ -195,3 +195,7 @@ def test_match_rms_norm_bfloat16_is_exact(name):
         info = run_pipeline(gm, ["match_attention", "match_rms_norm"])[1]
         assert info.details["fused_residual"] > 0 and info.details["unmatched_rsqrt"] == 0
         assert torch.equal(gm(ids, pos)[0], ref)
+    # NemotronH's mixer upcasts its scan output before the gated norm: the op takes it uncast
+    norms = [n for n in gm.graph.nodes if n.target == torch.ops.autodeploy.rms_norm.default]
+    assert all(n.args[0].meta["val"].dtype == torch.bfloat16 for n in norms), name
+
