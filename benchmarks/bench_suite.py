@@ -1,5 +1,6 @@
 """The GPU benchmark suite in one process: a decode/prefill step profile, prefill, op-level
-overhead, sliding-window memory and speculative decoding (decode throughput: bench_decode.py; transforms: bench_transforms.py).
+overhead, sliding-window memory and speculative decoding (decode throughput: bench_decode.py;
+transforms: bench_transforms.py).
 
 Models: bench-hybrid-0.6b and bench-swa-0.7b (../shared/DEVICE.md, autodeploy/models/zoo.py),
 bf16, random seeded weights, one GPU. Everything a section prints goes to ``suite.json``.
@@ -98,16 +99,14 @@ def overhead(batch: int = 64, context: int = 512) -> list[dict]:
     spec = fa.AttentionPlanSpec(page, 0, 0, 0, d ** -0.5, 0.0, hq, hkv, d, torch.bfloat16)
     plan = fa.PLANS[-2] = fa.AttentionPlan(spec, lanes, pages_per, "cuda")  # held by `plan`
 
-    def ours_attention():
-        plan.plan(host, captured=False)
+    def device_half():  # the prepare node, the KV write and the kernel: what the graph runs
         meta = prepare_attention_metadata(ids, dev["seq_lens"], dev["cached_lens"], dev["slots"], dev["page_table"],
                                           page, 0, 0)
         torch.ops.autodeploy.flashinfer_cached_attention(q, k, v, kc, vc, *meta, d ** -0.5, 0, 0.0, None, -2)
 
-    def device_half():
-        meta = prepare_attention_metadata(ids, dev["seq_lens"], dev["cached_lens"], dev["slots"], dev["page_table"],
-                                          page, 0, 0)
-        torch.ops.autodeploy.flashinfer_cached_attention(q, k, v, kc, vc, *meta, d ** -0.5, 0, 0.0, None, -2)
+    def ours_attention():  # the host half first, as the runner does every step
+        plan.plan(host, captured=False)
+        device_half()
 
     plan.plan(host, captured=False)
     q2, out = q[0].contiguous(), torch.empty(batch, hq, d, device="cuda", dtype=torch.bfloat16)
@@ -234,18 +233,18 @@ def profile(models: list[str], batches=(1, 64), context: int = 512) -> list[dict
                "kernels": count, "host_and_gaps_us": wall * 1e6 - kernel_us, "top": top}
         print(json.dumps(row), flush=True)
         rows.append(row)
-        del llm
+        llm = runner = args = None  # free the batch-64 engine before building the next
         torch.cuda.empty_cache()
         # the same 2k prefill step replayed from a CUDA graph captured at 2048 tokens: if the eager
         # step is host-bound (kernel launches one by one), this is the step without the host
-        llm = LLM(model, max_batch_size=1, max_seq_len=2048 + 16, max_num_tokens=2048, compile_mode="cudagraph",
-                  cuda_graph_sizes=[2048], attn_backend="triton", ssm_backend="triton", **BF16)
-        graphed = _sync_time(lambda: llm.engine.runner.run([prompt]), 5)
+        captured = LLM(model, max_batch_size=1, max_seq_len=2048 + 16, max_num_tokens=2048, compile_mode="cudagraph",
+                       cuda_graph_sizes=[2048], attn_backend="triton", ssm_backend="triton", **BF16).engine.runner
+        graphed = _sync_time(lambda: captured.run([prompt]), 5)
         row = {"model": name, "kind": "prefill, captured", "tokens": 2048, "step_us": graphed * 1e6,
                "kernel_us": kernel_us, "kernels": count, "host_and_gaps_us": graphed * 1e6 - kernel_us, "top": []}
         print(json.dumps(row), flush=True)
         rows.append(row)
-        del llm, model
+        captured = model = None
         torch.cuda.empty_cache()
     return rows
 
