@@ -465,9 +465,12 @@ def _count_unrouted_ssm(gm: GraphModule) -> int:
     return max(0, a_logs - scans)
 
 
-def _device_of(node: Node) -> str:
+def _device_and_dtype(node: Node) -> tuple[str, str | None]:
+    """Device and dtype name of the op's first input (backends are resolved for both)."""
     val = _val(node.args[0]) if node.args and isinstance(node.args[0], Node) else None
-    return str(val.device) if isinstance(val, torch.Tensor) else "cpu"
+    if not isinstance(val, torch.Tensor):
+        return "cpu", None
+    return str(val.device), str(val.dtype).removeprefix("torch.")
 
 
 def _lower(gm: GraphModule, record: GraphRecord, ssm_backend: str) -> None:
@@ -487,9 +490,7 @@ def _lower(gm: GraphModule, record: GraphRecord, ssm_backend: str) -> None:
                 node.target, impl = sdpa_attention, "sdpa"
         else:
             family = CANONICAL[node.target]
-            val = _val(node.args[0]) if node.args and isinstance(node.args[0], Node) else None
-            dtype = str(val.dtype).removeprefix("torch.") if isinstance(val, torch.Tensor) else None
-            backend = backends.resolve(family, ssm_backend, _device_of(node), dtype)
+            backend = backends.resolve(family, ssm_backend, *_device_and_dtype(node))
             if node.target == CAUSAL_CONV1D:
                 activation = node.args[3] if len(node.args) > 3 else node.kwargs.get("activation", "")
                 if backend == "triton" and ACTIVATIONS.get(activation, 0) in (None, F.silu):

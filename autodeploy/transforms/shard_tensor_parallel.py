@@ -365,7 +365,7 @@ class _Solver:
                 o = self.own[x]
                 ch |= self.assign(src, Own(back[o.dim], o.idx))
             return ch
-        if t in SPLITS:
+        if t in SPLITS or t == CONV:  # the layout passes through unchanged (conv: per channel)
             src = x.args[0]
             if src in self.own:
                 ch |= self.assign(x, self.own[src])
@@ -392,13 +392,6 @@ class _Solver:
             return self._attention(x, where)
         if t == SSD_SCAN:
             return self._ssd_scan(x, where)
-        if t == CONV:
-            src = x.args[0]
-            if src in self.own:
-                ch |= self.assign(x, self.own[src])
-            if x in self.own:
-                ch |= self.assign(src, self.own[x])
-            return ch
         raise _Unsupported(f"{where}: {t} is not an op shard_tensor_parallel knows how to split")
 
     def _getitem(self, g: Node, where: str) -> bool:
@@ -493,24 +486,27 @@ class _Solver:
 # ----------------------------------------------------------------------------------------------
 
 
+# op -> (argument holding the split heads, its name; argument holding the heads that may instead be
+# replicated when fewer than the ranks, its name, what the error adds)
+_HEAD_ARGS = {
+    ATTENTION: (0, "attention heads", 1, "key/value heads", " (then each rank would keep a copy of its KV head)"),
+    SSD_SCAN: (0, "SSM heads", 3, "SSM groups", ""),
+}
+
+
 def _check_heads(region: Region, ws: int) -> None:
     """Clear errors for head counts that cannot be split, before any layout is propagated."""
     for n in region.nodes:
+        if n.target not in _HEAD_ARGS:
+            continue
         where = owning_module(n) or region.name
-        if n.target == ATTENTION:
-            hq, hkv = _shape(n.args[0])[2], _shape(n.args[1])[2]
-            if hq % ws:
-                raise ShardingError(f"{where}: {hq} attention heads do not divide by tensor_parallel_size {ws}")
-            if hkv % ws and ws % hkv:
-                raise ShardingError(f"{where}: {hkv} key/value heads neither divide by tensor_parallel_size {ws} "
-                                    "nor divide it (then each rank would keep a copy of its KV head)")
-        elif n.target == SSD_SCAN:
-            h, g = _shape(n.args[0])[2], _shape(n.args[3])[2]
-            if h % ws:
-                raise ShardingError(f"{where}: {h} SSM heads do not divide by tensor_parallel_size {ws}")
-            if g % ws and ws % g:
-                raise ShardingError(f"{where}: {g} SSM groups neither divide by tensor_parallel_size {ws} "
-                                    "nor divide it")
+        split_arg, split_name, shared_arg, shared_name, note = _HEAD_ARGS[n.target]
+        heads, shared = _shape(n.args[split_arg])[2], _shape(n.args[shared_arg])[2]
+        if heads % ws:
+            raise ShardingError(f"{where}: {heads} {split_name} do not divide by tensor_parallel_size {ws}")
+        if shared % ws and ws % shared:
+            raise ShardingError(f"{where}: {shared} {shared_name} neither divide by tensor_parallel_size {ws} "
+                                f"nor divide it{note}")
 
 
 class _ParamSlicer:

@@ -17,8 +17,8 @@ ATOL = 1e-5  # float32; the fused ops repeat transformers' arithmetic
 LENGTH = 29
 
 
-def _exported(name):
-    model = build_model(name)
+def _exported(name, dtype=torch.float32):
+    model = build_model(name, dtype=dtype)
     gm = export_model(model, max_seq_len=64)
     ids = torch.randint(0, model.config.vocab_size, (1, LENGTH), generator=torch.Generator().manual_seed(1))
     pos = torch.arange(LENGTH)[None]
@@ -186,12 +186,8 @@ def test_match_rms_norm_bfloat16_is_exact(name):
     """In bf16 transformers casts the residual stream to the norm's dtype (a no-op cast) between the
     residual add and the norm; the residual add is still fused, and the torch implementation repeats
     eager's casts exactly (logits bit-identical)."""
-    model = build_model(name, dtype=torch.bfloat16)
-    gm = export_model(model, max_seq_len=64)
-    ids = torch.randint(0, model.config.vocab_size, (1, LENGTH), generator=torch.Generator().manual_seed(1))
-    pos = torch.arange(LENGTH)[None]
+    _, gm, ids, pos, ref = _exported(name, torch.bfloat16)
     with torch.no_grad():
-        ref = gm(ids, pos)[0]
         info = run_pipeline(gm, ["match_attention", "match_rms_norm"])[1]
         assert info.details["fused_residual"] > 0 and info.details["unmatched_rsqrt"] == 0
         assert torch.equal(gm(ids, pos)[0], ref)
