@@ -42,6 +42,27 @@ def test_auto_skips_flashinfer_for_float32_models(monkeypatch):
         _backends(DeployConfig(device="cuda", ssm_backend="flashinfer"))
 
 
+def test_auto_keeps_speculation_exact_on_the_ssm_backend(monkeypatch, caplog):
+    """flashinfer's SSM backend serves plain decode lanes with its own kernel and verify lanes with
+    the Triton scan (two roundings in bf16): with speculation on, auto picks Triton so greedy tokens
+    match a run without it; asking for flashinfer anyway is honoured with a warning saying so."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flashinfer" else real_find_spec(name))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ngram = {"method": "ngram", "num_speculative_tokens": 3}
+    assert _backends(DeployConfig(device="cuda", dtype="bfloat16")) == {"attention": "flashinfer", "ssm": "flashinfer"}
+    assert _backends(DeployConfig(device="cuda", dtype="bfloat16", speculative_config=ngram)) == {
+        "attention": "flashinfer", "ssm": "triton"}
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="autodeploy.backends"):
+        chosen = _backends(DeployConfig(device="cuda", dtype="bfloat16", ssm_backend="flashinfer",
+                                        speculative_config=ngram))
+    assert chosen["ssm"] == "flashinfer"
+    assert "greedy tokens may differ" in caplog.text
+
+
 def test_triton_attention_backend_gives_the_torch_backend_tokens():
     """Gemma3 (sliding window 16 + full attention) with the Triton attention kernel under the
     interpreter: greedy tokens equal the torch backend's for prompts past the window."""
