@@ -23,7 +23,7 @@ section() { local limit=$1; shift; local t0=$SECONDS; timeout "$limit" python3 "
 # CUDA-graph configurations at every batch size; inductor (torch-opt, ~40 s of compiling per build)
 # only where it won before, batch 64 (bench_decode appends its rows to the same decode.json)
 section 170 benchmarks/bench_decode.py --out "$OUT" --batch 1 8 64 --hf \
-  --configs cudagraph:triton:triton cudagraph:flashinfer:triton cudagraph:triton:flashinfer "$@"
+  --configs cudagraph:triton:triton cudagraph:triton:flashinfer cudagraph:flashinfer:flashinfer "$@"
 section 70 benchmarks/bench_decode.py --out "$OUT" --batch 64 --append --configs torch-opt:triton:flashinfer
 section 200 benchmarks/bench_suite.py --out "$OUT"
 section 110 benchmarks/bench_transforms.py --out "$OUT"

@@ -207,17 +207,25 @@ def test_flashinfer_ssd_scan_matches_torch():
     sys.path.insert(0, "tests/custom_ops")
     from test_triton_ssd_scan import MIXED, TORCH, assert_close_scaled, make_step
 
-    from autodeploy.custom_ops import flashinfer_ssd_scan  # noqa: F401
+    from autodeploy.custom_ops import flashinfer_ssd_scan as fs
 
-    op = torch.ops.autodeploy.flashinfer_cached_ssd_scan.default
+    real_kernel, calls = fs._decode_kernel(), []
+
+    def kernel(*a, **k):  # counts its launches: a fallback to the Triton scan would fail the test
+        calls.append(1)
+        return real_kernel(*a, **k)
+
     decodes = [(1, 7 + i, 1 + i, 0, False) for i in range(8)]
     for lanes in (MIXED, decodes):
-        args, meta = make_step(lanes, h=8, p=64, n=128, g=2, dtype=torch.bfloat16, seed=4, num_slots=len(lanes))
+        num_slots = max(lane[2] for lane in lanes) + 1  # slot 0 is the pad row; a row per lane at least
+        args, meta = make_step(lanes, h=8, p=64, n=128, g=2, dtype=torch.bfloat16, seed=4, num_slots=num_slots)
         mutable = ("ssm_state", "replay_x", "replay_dt", "replay_B")
         ref = {k: (v.clone() if k in mutable and v is not None else v) for k, v in args.items()}
         opts = (True, 0.0, float("inf"), 32)
         expected = TORCH(*ref.values(), *meta, *opts)
-        got = op(*args.values(), *meta, *opts)
+        calls.clear()
+        got = fs.scan_with_decode_kernel(kernel, *args.values(), *meta, *opts)
+        assert calls, "flashinfer's decode kernel did not run"
         assert_close_scaled(got, expected, 2e-2)
         assert_close_scaled(args["ssm_state"], ref["ssm_state"], 2e-2)
 

@@ -106,14 +106,13 @@ class AttentionPlan:
                 paged_kv_last_page_len_buf=torch.zeros(self.num_lanes, **i32))
         self.active = self.graphed if captured else self.eager
         s = self.spec
-        # the longest query run and key list given: otherwise plan() takes Python's max() over host
-        # tensors, element by element (~260 us at 64 lanes, measured), and copies key lengths to the
-        # device that only its trtllm-gen/cudnn kernels read
-        kv_lens = (kv_indptr[1:] - kv_indptr[:-1] - 1) * s.page_size + last
+        # the longest query run given, or plan() loops over lanes in Python for it; not the longest
+        # key list (max_sequence_kv): in 0.6.18 that skips computing the host key lengths its fa2
+        # scheduler then reads (UnboundLocalError, found on the H100)
         self.active.plan(
             qo_indptr, kv_indptr, kv_indices, last, s.num_q_heads, s.num_kv_heads, s.head_dim, s.page_size,
-            max_token_per_sequence=int(host["seq_lens"].max()), max_sequence_kv=max(int(kv_lens.max()), 0),
-            causal=True, sm_scale=s.scale, window_left=s.window - 1 if s.window > 0 else -1,
+            max_token_per_sequence=int(host["seq_lens"].max()), causal=True, sm_scale=s.scale,
+            window_left=s.window - 1 if s.window > 0 else -1,
             logits_soft_cap=s.soft_cap if s.soft_cap > 0 else None, q_data_type=s.dtype, kv_data_type=s.dtype)
 
 
