@@ -130,13 +130,15 @@ def overhead(batch: int = 64, context: int = 512) -> list[dict]:
     D, dt_bias = torch.randn(nh, device="cuda"), torch.randn(nh, device="cuda")
     from autodeploy.custom_ops import flashinfer_ssd_scan  # noqa: F401  (the flashinfer SSM backend's op)
 
-    st = state[:batch].clone()  # float32, like ours
+    st = state.clone()  # float32, like ours; rows read through indices as our op does (the same kernel variant)
+    rows_idx = torch.arange(batch, device="cuda")
     xr, dtr = x[0], dt[0][..., None].expand(batch, nh, hd)
     Ar = A[:, None, None].expand(nh, hd, ds)
     Dr, dbr = D.to(torch.bfloat16)[:, None].expand(nh, hd), dt_bias.to(torch.bfloat16)[:, None].expand(nh, hd)
     try:  # the raw kernel's own conventions: per-head values expanded over head_dim ("tie_hdim")
         raw = _sync_time(lambda: flashinfer.mamba.selective_state_update(
-            st, xr, dtr, Ar, B[0], C[0], Dr, dt_bias=dbr, dt_softplus=True), 200)
+            st, xr, dtr, Ar, B[0], C[0], Dr, dt_bias=dbr, dt_softplus=True, state_batch_indices=rows_idx,
+            pad_slot_id=-1), 200)
     except Exception as e:  # a JIT or argument failure is reported, not fatal for the suite
         raw = float("nan")
         print(f"selective_state_update failed: {e!r}", flush=True)

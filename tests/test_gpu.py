@@ -217,7 +217,7 @@ def test_flashinfer_ssd_scan_matches_torch():
 
     decodes = [(1, 7 + i, 1 + i, 0, False) for i in range(8)]
     for lanes in (MIXED, decodes):
-        num_slots = max(lane[2] for lane in lanes) + 1  # slot 0 is the pad row; a row per lane at least
+        num_slots = max(len(lanes), max(lane[2] for lane in lanes) + 1)  # a state row per lane (flashinfer's check)
         args, meta = make_step(lanes, h=8, p=64, n=128, g=2, dtype=torch.bfloat16, seed=4, num_slots=num_slots)
         mutable = ("ssm_state", "replay_x", "replay_dt", "replay_B")
         ref = {k: (v.clone() if k in mutable and v is not None else v) for k, v in args.items()}
