@@ -1,11 +1,12 @@
 """Which cached op implements each op family on each backend, and which backend to use.
 
 Backends are chosen per op family (``attention``, ``ssd_scan``, ``causal_conv1d``). ``"auto"``
-picks the fastest one that is available on the device and dtype: flashinfer (float16/bfloat16
-models) > triton > torch on a GPU,
-torch on the CPU (the torch backend is the oracle and runs everywhere; Triton runs on the CPU
-only when asked for, under ``TRITON_INTERPRET=1``, for tests). A backend module is imported only when chosen, so a
-CPU user never imports Triton. Requesting a backend that cannot run is an error that says why.
+picks the fastest one, as measured, that can run on the device and dtype: on a GPU, Triton
+attention (flashinfer's is slower per decode step once its host ``plan()`` is counted) and
+flashinfer's SSM decode kernel (float16/bfloat16 models only) > triton > torch; torch on the CPU
+(the torch backend is the oracle and runs everywhere; Triton runs on the CPU only when asked for,
+under ``TRITON_INTERPRET=1``, for tests). A backend module is imported only when chosen, so a CPU
+user never imports Triton. Requesting a backend that cannot run is an error that says why.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ CACHED_OPS: dict[str, dict[str, tuple[str, str]]] = {
     },
 }
 PREFERENCE = ("flashinfer", "triton", "torch")
+# what "auto" tries first, per family, by measurement (benchmarks/RESULTS.md, session 6, H100, bf16
+# bench-hybrid-0.6b under CUDA graphs): Triton attention decodes 1.4-1.9x faster than flashinfer's,
+# whose host plan() costs more per step (0.6-1.4 ms) than the attention itself; flashinfer's
+# selective_state_update beats the Triton scan by 7-11 % on whole decode steps
+AUTO_ORDER = {"attention": ("triton", "flashinfer", "torch"), "ssd_scan": PREFERENCE, "causal_conv1d": PREFERENCE}
 # (family, backend) pairs "auto" does not pick yet: written and CPU-tested, not yet run on a GPU
 NOT_YET_AUTO: set[tuple[str, str]] = set()
 # (family, backend) pairs whose verify lanes run on another kernel than their plain decode lanes
@@ -84,7 +90,7 @@ def resolve(family: str, requested: str, device: str, dtype: str | None = None, 
     if requested == "auto":  # the interpreter is for tests: on the CPU, auto means torch
         on_cuda = str(device).startswith("cuda")
         skip = NOT_YET_AUTO | (MIXED_VERIFY if speculative else set())
-        return next(b for b in PREFERENCE if b in known and unavailable_reason(b, device, dtype) is None
+        return next(b for b in AUTO_ORDER[family] if b in known and unavailable_reason(b, device, dtype) is None
                     and (on_cuda or b == "torch") and (family, b) not in skip)
     if requested not in known:
         raise ValueError(f"no {requested!r} backend for {family}; known: {sorted(known)} or 'auto'")
