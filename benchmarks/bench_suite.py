@@ -49,8 +49,8 @@ def prefill(models: list[str]) -> list[dict]:
             for length in (2048, 8192):
                 prompt = torch.randint(0, 32000, (length,), generator=g).tolist()
                 params = SamplingParams(max_tokens=1, ignore_eos=True)
-                # warm-up at the same length (Triton compiles kernels per shape class: a shorter
-                # warm-up left those compiles in the first timed run)
+                # warm-up at the same length: after a shorter one, the first timed run paid one-time
+                # costs of the new shape (compiles, allocator growth; measured in session 6)
                 llm.generate([{"prompt_token_ids": prompt[::-1]}], params)
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
