@@ -41,12 +41,14 @@ def _(write_idx, page_list, kv_start, kv_len, k_cache, what):
 
 @torch.library.custom_op("autodeploy::check_ssm_metadata", mutates_args=())
 def check_ssm_metadata(
-    slots: torch.Tensor, cu_seqlens: torch.Tensor, replay_lens: torch.Tensor, is_verify: torch.Tensor,
-    state: torch.Tensor, replay_capacity: int,
+    slots: torch.Tensor, cu_seqlens: torch.Tensor, has_state: torch.Tensor, replay_lens: torch.Tensor,
+    is_verify: torch.Tensor, state: torch.Tensor, replay_capacity: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """slots inside the per-slot ``state``; replay counts and verify lanes within the replay
-    buffer's ``replay_capacity`` tokens (0: no speculation, so neither may occur)."""
+    buffer's ``replay_capacity`` tokens (0: no speculation, so neither may occur); replays only
+    onto sequences with a cached state."""
     _assert(((slots >= 0) & (slots < state.shape[0])).all(), "a sequence slot is outside the state cache")
+    _assert((has_state | (replay_lens == 0)).all(), "a lane replays onto a sequence with no cached state")
     n = cu_seqlens[1:] - cu_seqlens[:-1]
     _assert(((replay_lens >= 0) & (replay_lens <= replay_capacity)).all(),
             f"a replay count exceeds the replay buffer ({replay_capacity} tokens per slot)")
@@ -56,7 +58,7 @@ def check_ssm_metadata(
 
 
 @check_ssm_metadata.register_fake
-def _(slots, cu_seqlens, replay_lens, is_verify, state, replay_capacity):
+def _(slots, cu_seqlens, has_state, replay_lens, is_verify, state, replay_capacity):
     return torch.empty_like(slots), torch.empty_like(replay_lens)
 
 

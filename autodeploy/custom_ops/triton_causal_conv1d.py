@@ -16,10 +16,14 @@ step at once instead of a host loop over lanes:
 
 Values take the oracle's dtype path (window columns in the weight's dtype, products summed in
 float32, the result rounded to the weight's dtype before the activation), so float32 matches to
-rounding and bfloat16 to bf16 resolution. The grids, the token -> lane map and the capacity check
-use tensor shapes and torch ops only: the op never syncs with the host (CUDA-graph safe). Lanes
-with work (tokens or a replay) must use distinct slots, as the engine guarantees; padded lanes
-(0 tokens, no replay, slot 0) write nothing.
+rounding and bfloat16 to bf16 resolution. The grids follow tensor shapes and each token finds its
+lane inside the output kernel: the op is its two launches, never syncs with the host (CUDA-graph
+safe) and launches no per-layer torch ops. Lanes with work (tokens or a replay) must use distinct
+slots, as the engine guarantees; padded lanes (0 tokens, no replay, slot 0) write nothing.
+Metadata outside the contract (a replay or verify longer than the replay buffer, a replay onto a
+sequence without state) cannot be raised from a kernel: every access to the replay buffer is
+masked, so such a lane writes only its own slot; the oracle raises, and checked mode's
+``check_ssm_metadata`` (once per step, not per layer) names it, as for the Triton SSD scan.
 
 Needs a GPU to launch, or ``TRITON_INTERPRET=1`` set before this module is imported (CPU tests).
 """
@@ -115,17 +119,22 @@ def _lane_state_kernel(
 
 @triton.jit
 def _conv_output_kernel(
-    x_ptr, w_ptr, b_ptr, start_state_ptr, out_ptr, token_lane_ptr, cu_seqlens_ptr,
-    channels, num_tokens,
+    x_ptr, w_ptr, b_ptr, start_state_ptr, out_ptr, cu_seqlens_ptr,
+    channels, num_tokens, num_lanes,
     stride_xc, stride_xt, stride_oc, stride_ot, stride_wc, stride_wk,
     stride_pl, stride_pc, stride_pk,
-    KW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    KW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr,
 ):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     t_ok, ch_ok = t < num_tokens, ch < channels
     ok = ch_ok[:, None] & t_ok[None, :]
-    lane = tl.load(token_lane_ptr + t, mask=t_ok, other=0)
+    # token t belongs to the lane whose [cu[b], cu[b + 1]) holds it: the number of lane ends <= t
+    # (lanes of 0 tokens hold none; tokens past the last end stay in the last lane)
+    ends_at = tl.arange(0, BLOCK_L)
+    ends = tl.load(cu_seqlens_ptr + 1 + ends_at, mask=ends_at < num_lanes, other=num_tokens)
+    lane = tl.minimum(tl.sum((ends[None, :] <= t[:, None]).to(tl.int32), axis=1), num_lanes - 1)
     pos = t - tl.load(cu_seqlens_ptr + lane, mask=t_ok, other=0)  # position of the token in its lane
     w_dtype = w_ptr.dtype.element_ty
 
@@ -146,16 +155,6 @@ def _conv_output_kernel(
     if SILU:
         y = y * tl.sigmoid(y)
     tl.store(out_ptr + ch[:, None] * stride_oc + t[None, :] * stride_ot, y.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-def _assert_lanes_fit(cu_seqlens, has_state, replay_lens, is_verify, capacity: int) -> None:
-    """The oracle's checks, without a host sync: a device-side assert on CUDA (fatal to the process,
-    like any out-of-contract call), a RuntimeError on the CPU. The kernels mask every access to the
-    replay buffer, so even an unchecked violation stays inside the buffers."""
-    lens = cu_seqlens[1:] - cu_seqlens[:-1]
-    bad = (replay_lens > capacity) | (is_verify & (lens > capacity)) | ((replay_lens > 0) & ~has_state)
-    torch._assert_async(~bad.any(), f"a lane replays or verifies more tokens than the replay buffer holds "
-                                    f"({capacity} per slot), or replays onto a sequence with no cached state")
 
 
 @torch.library.custom_op("autodeploy::triton_cached_causal_conv1d", mutates_args=("conv_state", "replay_conv"))
@@ -187,8 +186,6 @@ def triton_cached_causal_conv1d(
     out = torch.empty_like(x)
     if num_lanes == 0:
         return out
-    _assert_lanes_fit(cu_seqlens, has_state, replay_lens, is_verify, capacity)
-
     start_state = conv_state.new_empty(num_lanes, c, k - 1)  # each lane's state after its replay
     replay = replay_conv if replay_conv is not None else conv_state  # placeholder, never read
     block_c = min(128, triton.next_power_of_2(c))
@@ -203,16 +200,14 @@ def triton_cached_causal_conv1d(
     if num_tokens == 0:
         return out
 
-    # token t belongs to the lane whose [cu[b], cu[b + 1]) holds it (lanes of 0 tokens hold none)
-    tokens = torch.arange(num_tokens, device=x.device, dtype=cu_seqlens.dtype)
-    token_lane = torch.searchsorted(cu_seqlens[1:], tokens, right=True).clamp_max(num_lanes - 1)
     block_c = min(64, triton.next_power_of_2(c))
     block_t = max(8, min(32, triton.next_power_of_2(num_tokens)))  # shape-only: small tiles for decode steps
     _conv_output_kernel[(triton.cdiv(num_tokens, block_t), triton.cdiv(c, block_c))](
-        x[0], weight, bias if bias is not None else weight, start_state, out[0], token_lane, cu_seqlens,
-        c, num_tokens,
+        x[0], weight, bias if bias is not None else weight, start_state, out[0], cu_seqlens,
+        c, num_tokens, num_lanes,
         *x[0].stride(), *out[0].stride(), *weight.stride(), *start_state.stride(),
-        KW=k, BLOCK_C=block_c, BLOCK_T=block_t, HAS_BIAS=bias is not None,
+        KW=k, BLOCK_C=block_c, BLOCK_T=block_t, BLOCK_L=max(2, triton.next_power_of_2(num_lanes)),
+        HAS_BIAS=bias is not None,
         SILU=ACTIVATIONS[activation] is F.silu,
     )
     return out

@@ -10,7 +10,7 @@ After::
 
     write, pages, start, len = check_attention_metadata(write, pages, start, len, k_cache, "kv_full")
     out = <backend>_cached_attention(..., write, start, len, pages, ...)
-    slots, replay = check_ssm_metadata(slots, cu, replay, verify, ssm_state, R)
+    slots, replay = check_ssm_metadata(slots, cu, has_state, replay, verify, ssm_state, R)
     y = <backend>_cached_ssd_scan(..., slots, cu, has_state, replay, verify, ...)
 
 One check per pool (attention) and one for all SSM/conv ops; checks assert on the device, so
@@ -99,7 +99,8 @@ class InsertIndexChecks(Transform):
                 if key not in checked:
                     with graph.inserting_before(node):
                         check = graph.call_function(CHECK_SSM, (
-                            kw["slots"], kw["cu_seqlens"], kw["replay_lens"], kw["is_verify"], state, replay_capacity))
+                            kw["slots"], kw["cu_seqlens"], kw["has_state"], kw["replay_lens"], kw["is_verify"], state,
+                            replay_capacity))
                         checked[key] = [graph.call_function(operator.getitem, (check, i)) for i in range(2)]
                     info.num_matches += 1
                 slots, replay = checked[key]
