@@ -4,8 +4,9 @@ Same signature and semantics as ``autodeploy::torch_cached_attention`` (the orac
 launch attends every lane of the step at once, decode and prefill mixed, instead of a host loop.
 Each program takes a block of one lane's queries times the query heads that share one KV head
 (GQA/MQA), gathers that lane's keys through ``page_list`` and runs an online softmax in float32
-with the causal mask, sliding window, soft-cap and sinks. The grid and the block -> lane map come
-from tensor shapes and torch ops only, so the op never syncs with the host (CUDA-graph safe). Decode
+with the causal mask, sliding window, soft-cap and sinks. The grid comes from tensor shapes and each
+program finds its lane from ``cu_seqlens`` itself, so the op never syncs with the host (CUDA-graph
+safe) and adds no small torch kernels per layer besides the two KV writes. Decode
 steps split each block's keys over several programs and merge their softmax pieces in a second
 kernel (split-KV, see ``num_key_splits``).
 
@@ -25,7 +26,7 @@ __all__ = ["triton_cached_attention"]
 @triton.jit
 def _paged_attention_kernel(
     q_ptr, out_ptr, k_cache_ptr, v_cache_ptr, sinks_ptr,
-    block_lane_ptr, block_first_ptr, cu_seqlens_ptr, kv_start_ptr, kv_len_ptr, page_list_ptr,
+    cu_seqlens_ptr, kv_start_ptr, kv_len_ptr, page_list_ptr, num_lanes,
     stride_qt, stride_qh, stride_qd,
     stride_ot, stride_oh, stride_od,
     stride_cp, stride_co, stride_ch, stride_cd,
@@ -34,15 +35,26 @@ def _paged_attention_kernel(
     scale, sliding_window, soft_cap,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_L: tl.constexpr,
     HAS_SOFT_CAP: tl.constexpr, HAS_SINKS: tl.constexpr, DOTS_IN_FP32: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):
     # Tile rows are (query token, head of the GQA group) pairs: row r = token r // BLOCK_G of this
     # block, query head kv_head * GROUP + r % BLOCK_G. Padded rows/columns are masked everywhere.
     BLOCK_M: tl.constexpr = BLOCK_Q * BLOCK_G
     kv_head = tl.program_id(1)
-    lane = tl.load(block_lane_ptr + tl.program_id(0))
-    q_first = tl.load(block_first_ptr + tl.program_id(0))  # first token of this query block
+    # This query block's lane: lane b owns ceil(n_b / BLOCK_Q) consecutive blocks, so the lane is
+    # the number of lanes whose blocks all come before this one (blocks past every lane's get the
+    # last lane and no rows). Every program derives it from cu_seqlens itself: no per-layer ops.
+    block = tl.program_id(0)
+    lanes = tl.arange(0, BLOCK_L)
+    lane_ok = lanes < num_lanes
+    lane_blocks = tl.where(lane_ok, (tl.load(cu_seqlens_ptr + lanes + 1, mask=lane_ok, other=0)
+                                     - tl.load(cu_seqlens_ptr + lanes, mask=lane_ok, other=0) + BLOCK_Q - 1) // BLOCK_Q, 0)
+    blocks_end = tl.cumsum(lane_blocks, axis=0)
+    lane = tl.minimum(tl.sum(tl.where(lane_ok & (blocks_end <= block), 1, 0), axis=0), num_lanes - 1)
+    blocks_before = tl.sum(tl.where(lanes == lane, blocks_end - lane_blocks, 0), axis=0)
     lane_first, lane_end = tl.load(cu_seqlens_ptr + lane), tl.load(cu_seqlens_ptr + lane + 1)
+    q_first = tl.minimum(lane_first + (block - blocks_before) * BLOCK_Q, lane_end)  # first token of the block
     kv_start, kv_len = tl.load(kv_start_ptr + lane), tl.load(kv_len_ptr + lane)
 
     rows = tl.arange(0, BLOCK_M)
@@ -181,13 +193,8 @@ def triton_cached_attention(
 
     # Query blocks never straddle lanes: lane b owns ceil(n_b / BLOCK_Q) blocks, and all lanes
     # together own at most T // BLOCK_Q + B, the (shape-only) grid size. Extra blocks get 0 rows.
-    lens = cu_seqlens[1:] - cu_seqlens[:-1]
-    blocks_end = torch.cumsum((lens + block_q - 1) // block_q, 0)
-    grid_blocks = num_tokens // block_q + lens.shape[0]
-    block_ids = torch.arange(grid_blocks, device=q.device)
-    block_lane = torch.searchsorted(blocks_end, block_ids, right=True).clamp_max(lens.shape[0] - 1)
-    block_in_lane = block_ids - (blocks_end[block_lane] - (lens[block_lane] + block_q - 1) // block_q)
-    block_first = torch.minimum(cu_seqlens[block_lane] + block_in_lane * block_q, cu_seqlens[block_lane + 1])
+    num_lanes = cu_seqlens.shape[0] - 1
+    grid_blocks = num_tokens // block_q + num_lanes
 
     block_d = max(16, triton.next_power_of_2(d))
     splits = num_key_splits(num_tokens, page_list.shape[0], page_list.shape[1] * page_size)
@@ -198,13 +205,13 @@ def triton_cached_attention(
         part_acc = part_m = part_l = out
     _paged_attention_kernel[(grid_blocks, hkv, splits)](
         q[0], out[0], k_cache, v_cache, sinks if sinks is not None else q,
-        block_lane, block_first, cu_seqlens, kv_start, kv_len, page_list,
+        cu_seqlens, kv_start, kv_len, page_list, num_lanes,
         *q[0].stride(), *out[0].stride(), *k_cache.stride(), *page_list.stride(),
         part_acc, part_m, part_l, num_tokens, hq,
         scale, sliding_window, soft_cap,
         HEAD_DIM=d, PAGE_SIZE=page_size, GROUP=group, BLOCK_G=block_g, BLOCK_Q=block_q,
         BLOCK_N=64 if d <= 128 else 32,  # keys map to pages one by one: a block may span pages
-        BLOCK_D=block_d,
+        BLOCK_D=block_d, BLOCK_L=max(2, triton.next_power_of_2(num_lanes)),
         HAS_SOFT_CAP=soft_cap > 0, HAS_SINKS=sinks is not None,
         DOTS_IN_FP32=_INTERPRETED and q.dtype == torch.bfloat16, NUM_SPLITS=splits,
     )
