@@ -3,6 +3,9 @@
 # model level), the Triton op tests compiled for the GPU, and the environment they ran in.
 # Carries wheels from .whl/ (flashinfer, transformers; see ../shared/DEVICE.md) when present.
 # Usage: scripts/gpu_check.sh [extra pytest args]; the report goes to $OUT (default gpu_out/).
+# Fits one 10-minute call on two GPUs (session 6: 550 s on 2 H100s, the halves side by side); on
+# one GPU the model tests alone take ~11 minutes: split them over two calls with -k "flashinfer"
+# and -k "not flashinfer".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
