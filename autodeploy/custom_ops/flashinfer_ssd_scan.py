@@ -5,9 +5,10 @@ step that are plain decode steps (one token, a cached state, nothing to replay, 
 go through flashinfer's ``mamba.selective_state_update``, the bandwidth-bound single-token kernel;
 every other lane (prefill chunks, verify lanes, replays, new sequences) goes through the Triton
 scan, told to leave the decode lanes alone. Which lane is which is computed on the device from the
-prepare node's work items, so the op never syncs with the host and is CUDA-graph safe: the decode
-kernel runs over every lane, the others pointing at flashinfer's pad slot (read as zeros, never
-written), and its outputs land in one spare row past the step's tokens.
+prepare node's work items, by one small Triton kernel that also gathers the decode kernel's inputs,
+so the op never syncs with the host and is CUDA-graph safe: the decode kernel runs over every
+lane, the others pointing at flashinfer's pad slot (read as zeros, never written), and its outputs
+land in one spare row past the step's tokens.
 
 flashinfer's conventions (../shared/DEVICE.md): per-head A, D and dt_bias expanded over head_dim
 with stride 0 ("tie_hdim"), D and dt_bias in dt's dtype. dt is not clamped by the kernel, so a
@@ -22,15 +23,37 @@ import math
 
 import torch
 
-__all__ = ["flashinfer_cached_ssd_scan", "decode_lanes", "selective_state_update_reference"]
+__all__ = ["flashinfer_cached_ssd_scan", "decode_lane_inputs", "selective_state_update_reference"]
 
 PAD_SLOT = -1
 
 
-def decode_lanes(cu_seqlens: torch.Tensor, has_state: torch.Tensor, replay_lens: torch.Tensor,
-                 is_verify: torch.Tensor) -> torch.Tensor:
-    """[lanes] bool: one token, continuing a cached state, nothing to replay, not verifying."""
-    return ((cu_seqlens[1:] - cu_seqlens[:-1]) == 1) & has_state & (replay_lens == 0) & ~is_verify
+def decode_lane_inputs(x, dt, B, C, slots, cu_seqlens, has_state, replay_lens, is_verify):
+    """Which lanes are plain decode lanes (one token, continuing a cached state, nothing to replay,
+    not verifying) and the decode kernel's inputs, in one launch per layer (the same selection in
+    torch ops was ~12 small kernels per layer): ``(plain [lanes] bool, state indices [lanes] int64
+    (PAD_SLOT for the other lanes), output rows [lanes] int64 (num_tokens, the spare row, for the
+    others), x [lanes, h, p], dt [lanes, h], B [lanes, g, n], C [lanes, g, n])`` gathered from each
+    plain lane's token (the others read token 0)."""
+    import triton
+
+    from autodeploy.custom_ops.triton_decode_lanes import decode_lane_inputs_kernel
+
+    lanes, (num_tokens, h, p), (g, n) = slots.shape[0], x.shape[1:], B.shape[2:]
+    dev = x.device
+    plain = torch.empty(lanes, dtype=torch.uint8, device=dev)
+    state_idx, out_rows = (torch.empty(lanes, dtype=torch.int64, device=dev) for _ in range(2))
+    x_d = torch.empty(lanes, h, p, dtype=x.dtype, device=dev)
+    dt_d = torch.empty(lanes, h, dtype=dt.dtype, device=dev)
+    B_d, C_d = (torch.empty(lanes, g, n, dtype=t.dtype, device=dev) for t in (B, C))
+    as_u8 = (lambda t: t.view(torch.uint8) if t.dtype == torch.bool else t)
+    decode_lane_inputs_kernel[(lanes,)](
+        x[0], dt[0], B[0], C[0], slots, cu_seqlens, as_u8(has_state), replay_lens, as_u8(is_verify),
+        plain, state_idx, out_rows, x_d, dt_d, B_d, C_d, num_tokens,
+        *x[0].stride(), *dt[0].stride(), *B[0].stride(), *C[0].stride(),
+        H=h, P=p, G=g, N=n, BLOCK_HP=triton.next_power_of_2(h * p), BLOCK_GN=triton.next_power_of_2(g * n),
+        BLOCK_H=triton.next_power_of_2(h), PAD=PAD_SLOT)
+    return plain.view(torch.bool), state_idx, out_rows, x_d, dt_d, B_d, C_d
 
 
 def selective_state_update_reference(state, x, dt, A, B, C, D, dt_bias=None, dt_softplus=False,
@@ -76,18 +99,16 @@ def scan_with_decode_kernel(kernel, x, dt, A, B, C, D, dt_bias, ssm_state, repla
     lanes = cu_seqlens.shape[0] - 1  # the kernel wants a state row per lane (its shape check)
     if num_tokens == 0 or D is None or dt_min > 0.0 or not math.isinf(dt_max) or lanes > ssm_state.shape[0]:
         return launch_cached_ssd_scan(*args)
-    plain = decode_lanes(cu_seqlens, has_state, replay_lens, is_verify)
+    plain, state_idx, out_rows, x_d, dt_d, B_d, C_d = decode_lane_inputs(x, dt, B, C, slots, cu_seqlens, has_state,
+                                                                         replay_lens, is_verify)
     y_rows = torch.empty(num_tokens + 1, h, p, dtype=x.dtype, device=x.device)  # row T: the spare row
     launch_cached_ssd_scan(*args, y=y_rows[:num_tokens][None], skip=plain)
-    token = torch.where(plain, cu_seqlens[:-1], 0)  # a plain lane's only token; others read row 0
-    x_d, dt_d, B_d, C_d = x[0, token], dt[0, token], B[0, token], C[0, token]
     out = kernel(
-        ssm_state, x_d.contiguous(), dt_d[..., None].expand(-1, h, p), A.float()[:, None, None].expand(h, p, n),
-        B_d.contiguous(), C_d.contiguous(), D.to(dt.dtype)[:, None].expand(h, p),
+        ssm_state, x_d, dt_d[..., None].expand(-1, h, p), A.float()[:, None, None].expand(h, p, n),
+        B_d, C_d, D.to(dt.dtype)[:, None].expand(h, p),
         dt_bias=dt_bias.to(dt.dtype)[:, None].expand(h, p) if dt_bias is not None else None,
-        dt_softplus=bool(dt_softplus), state_batch_indices=torch.where(plain, slots.long(), PAD_SLOT),
-        pad_slot_id=PAD_SLOT)
-    y_rows.index_copy_(0, torch.where(plain, cu_seqlens[:-1], num_tokens), out.to(x.dtype))
+        dt_softplus=bool(dt_softplus), state_batch_indices=state_idx, pad_slot_id=PAD_SLOT)
+    y_rows.index_copy_(0, out_rows, out.to(x.dtype))  # plain lanes' rows; the others all land in row T
     return y_rows[:num_tokens][None]
 
 

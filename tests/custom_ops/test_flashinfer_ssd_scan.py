@@ -5,12 +5,13 @@ in its interpreter; the GPU run (tests/test_gpu.py) uses flashinfer's own kernel
 backend on identical inputs — outputs, every slot's state, the replay buffers."""
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
 from autodeploy.custom_ops import triton_ssd_scan  # noqa: E402,F401
 from autodeploy.custom_ops.flashinfer_ssd_scan import (  # noqa: E402
-    decode_lanes, scan_with_decode_kernel, selective_state_update_reference)
+    PAD_SLOT, decode_lane_inputs, scan_with_decode_kernel, selective_state_update_reference)
 
 from test_triton_ssd_scan import MIXED, TORCH, assert_close_scaled, make_step  # noqa: E402
 
@@ -37,13 +38,19 @@ def _check(lanes, seed, dt_min=0.0, dt_max=float("inf"), calls=None, num_slots=N
     return meta
 
 
-def test_decode_lanes_are_the_plain_ones():
-    _, meta = make_step(MIXED, seed=0)
+def test_decode_lanes_are_the_plain_ones_with_their_inputs():
+    args, meta = make_step(MIXED, seed=0)
     cu, has_state, replay_lens, is_verify = meta
+    x, dt, B, C = (args[k][..., 1:] if k == "x" else args[k] for k in ("x", "dt", "B", "C"))  # x strided
+    plain, state_idx, out_rows, x_d, dt_d, B_d, C_d = decode_lane_inputs(x, dt, B, C, args["slots"], *meta)
     # MIXED: only lane 2 (one token, cached, nothing to replay, not verifying) is plain decode; lane 5
     # has one token but replays 2 first
-    assert decode_lanes(cu, has_state, replay_lens, is_verify).tolist() == [
-        False, False, True, False, False, False, False, False, False, False]
+    assert plain.tolist() == [False, False, True, False, False, False, False, False, False, False]
+    token = int(cu[2])
+    assert state_idx.tolist() == [PAD_SLOT] * 2 + [int(args["slots"][2])] + [PAD_SLOT] * 7
+    assert out_rows.tolist() == [x.shape[1]] * 2 + [token] + [x.shape[1]] * 7
+    for got, src in ((x_d, x), (dt_d, dt), (B_d, B), (C_d, C)):
+        assert torch.equal(got[2], src[0, token]) and torch.equal(got[0], src[0, 0])
 
 
 def test_mixed_step_matches_the_oracle():

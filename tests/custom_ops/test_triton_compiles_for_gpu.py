@@ -129,6 +129,16 @@ def _small_ops() -> None:
         kshape = (1, 3, 2, 256) if token_dim == 1 else (1, 2, 3, 256)
         triton_rope(torch.randn(shape, dtype=bf16), torch.randn(kshape, dtype=bf16), positions, table, table, token_dim)
     triton_logit_rows(torch.tensor([3, 1, 0], dtype=torch.int32), torch.tensor([True, False, False]), 5)
+    # the flashinfer SSM backend's lane split (its decode kernel is flashinfer's, not compiled here)
+    from autodeploy.custom_ops.flashinfer_ssd_scan import decode_lane_inputs
+    from autodeploy.custom_ops.prepare_metadata import prepare_ssm_metadata
+
+    i32 = torch.int32
+    meta = prepare_ssm_metadata(torch.zeros(1, 3, dtype=torch.long), torch.tensor([1, 1, 1], dtype=i32),
+                                torch.tensor([4, 0, 9], dtype=i32), torch.zeros(3, dtype=i32), torch.zeros(3, dtype=torch.bool))
+    B = torch.randn(1, 3, 8, 128, dtype=bf16)
+    decode_lane_inputs(torch.randn(1, 3, 64, 64, dtype=bf16), torch.randn(1, 3, 64, dtype=bf16), B, B,
+                       torch.tensor([1, 2, 3], dtype=i32), *meta)
 
 
 def test_every_triton_kernel_compiles_for_sm90(recorded):
