@@ -37,15 +37,18 @@ def _sync_time(fn, repeat: int) -> float:
 
 # -- prefill ---------------------------------------------------------------------------------------
 def prefill(models: list[str]) -> list[dict]:
-    """Time to first token and prefill tok/s for 2k and 8k prompts (one request, 2k-token chunks
-    and one 8k chunk), against transformers' forward on the same prompt where it fits."""
+    """Time to first token and prefill tok/s for 2k and 8k prompts (one request, 2k-token chunks),
+    with prefill chunks run eagerly (the default capture sizes stop at a full decode step) and
+    replayed from a graph captured at the chunk size (``cuda_graph_sizes``), against transformers'
+    forward on the same prompt."""
     rows = []
     g = torch.Generator().manual_seed(0)
+    chunk = 2048
     for name in models:
         model = build_model(name, dtype=torch.bfloat16, device="cuda")
-        for chunk in (2048, 8192):
+        for captured in (False, True):
             llm = LLM(model, max_batch_size=1, max_seq_len=8192 + 16, max_num_tokens=chunk, compile_mode="cudagraph",
-                      cuda_graph_sizes=[1], **BF16)
+                      cuda_graph_sizes=[1, chunk] if captured else [1], **BF16)
             for length in (2048, 8192):
                 prompt = torch.randint(0, 32000, (length,), generator=g).tolist()
                 params = SamplingParams(max_tokens=1, ignore_eos=True)
@@ -57,8 +60,9 @@ def prefill(models: list[str]) -> list[dict]:
                 llm.generate([{"prompt_token_ids": prompt}], params)
                 torch.cuda.synchronize()
                 ttft = time.perf_counter() - t0
-                row = {"model": name, "prompt": length, "chunk": chunk, "ttft_s": ttft, "prefill_tok_s": length / ttft}
-                if chunk == 2048 and length == 2048:
+                row = {"model": name, "prompt": length, "chunk": chunk, "captured": captured, "ttft_s": ttft,
+                       "prefill_tok_s": length / ttft}
+                if not captured and length == 2048:
                     ids = torch.tensor([prompt], device="cuda")
                     with torch.no_grad():
                         hf = _sync_time(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), 3)

@@ -58,9 +58,10 @@ def suite(data: dict) -> str:
             ["model", "step", "batch / tokens", "step", "graph replay", "kernel sum", "kernels", "gaps in graph",
              "host", "weights / 3 TB/s", "top kernels (µs)"], rows))
     if isinstance(data.get("prefill"), list):
-        rows = [[r["model"], r["prompt"], r["chunk"], r["ttft_s"], r["prefill_tok_s"], r.get("hf_forward_s"),
+        rows = [[r["model"], r["prompt"], r["chunk"], {True: "graph", False: "eager"}.get(r.get("captured")),
+                 r["ttft_s"], r["prefill_tok_s"], r.get("hf_forward_s"),
                  f"{r['speedup_vs_hf']:.2f}x" if "speedup_vs_hf" in r else None] for r in data["prefill"]]
-        out.append("### Prefill\n\n" + _table(["model", "prompt", "chunk", "TTFT s", "prefill tok/s",
+        out.append("### Prefill\n\n" + _table(["model", "prompt", "chunk", "chunks run", "TTFT s", "prefill tok/s",
                                                "transformers forward s", "vs transformers"], rows))
     if isinstance(data.get("overhead"), list):
         rows = [[r["op"], r["batch"], r["raw_us"], r["ours_us"], f"{100 * r['overhead']:+.0f} %",
