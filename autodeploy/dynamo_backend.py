@@ -52,6 +52,7 @@ from autodeploy import backends
 from autodeploy.custom_ops.attention import attention_reference
 from autodeploy.custom_ops.causal_conv1d import ACTIVATIONS, causal_conv1d_reference
 from autodeploy.export import MAMBA_ROUTES, hub_kernel_name, route_mamba_entry_points, ssm_mixers
+from autodeploy.fx_utils import ancestors, subgraph_module
 from autodeploy.transforms.match_attention import (
     MaskProbe,
     MatchAttention,
@@ -301,7 +302,7 @@ class _DynamoMaskProbe(MaskProbe):
         # the sequence symbols: the mask's own sizes, and the length of the position inputs it
         # reads (dynamo gives position_ids a symbol of its own, equal at run time)
         seq = {s for d in symbolic for s in d.node.expr.free_symbols}
-        for p in self._ancestors(mask):
+        for p in ancestors(mask):
             pval = _val(p)
             if p.op == "placeholder" and _is_position_input(p) and isinstance(pval, torch.Tensor) and pval.dim():
                 last = pval.shape[-1]
@@ -336,19 +337,10 @@ class _DynamoMaskProbe(MaskProbe):
             raise UnmatchedAttention(f"mask size {expr} has no value to probe with")
         return int(expr.xreplace(values))
 
-    def _ancestors(self, mask: Node) -> set[Node]:
-        needed, stack = set(), [mask]
-        while stack:
-            n = stack.pop()
-            if n not in needed:
-                needed.add(n)
-                stack.extend(n.all_input_nodes)
-        return needed
-
     def _check_inputs(self, mask: Node) -> None:
         if mask.op == "placeholder":
             raise UnmatchedAttention("the mask is an input of this subgraph (built before a graph break?)")
-        for node in self._ancestors(mask):
+        for node in ancestors(mask):
             if node.op == "placeholder" or node.target in METADATA_ONLY:
                 continue
             for inp in node.all_input_nodes:
@@ -363,15 +355,9 @@ class _DynamoMaskProbe(MaskProbe):
                         "only masks that depend on positions and sizes are matched")
 
     def _evaluate(self, mask: Node) -> torch.Tensor:
-        needed = self._ancestors(mask)
-        graph, env = torch.fx.Graph(), {}
-        for n in self.gm.graph.nodes:
-            if n in needed:
-                env[n] = graph.node_copy(n, lambda a: env[a])
-        graph.output(env[mask])
-        sub = GraphModule(self.gm, graph)
+        sub, placeholders = subgraph_module(self.gm, mask)
         args = []
-        for p in (n for n in self.gm.graph.nodes if n.op == "placeholder" and n in needed):
+        for p in placeholders:
             val = p.meta.get("val")
             if isinstance(val, torch.SymInt):
                 args.append(self._concrete(val))

@@ -92,3 +92,25 @@ def move_graph_module(gm: torch.fx.GraphModule, device: torch.device | str) -> N
             node.args = tuple(device if isinstance(a, torch.device) else a for a in node.args)
             node.kwargs = {k: device if isinstance(v, torch.device) else v for k, v in node.kwargs.items()}
     gm.recompile()
+
+
+def ancestors(node: Node) -> set[Node]:
+    """``node`` and every node it depends on."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def subgraph_module(gm: torch.fx.GraphModule, out: Node) -> tuple[torch.fx.GraphModule, list[Node]]:
+    """A module computing ``out`` from its ancestors in ``gm`` alone, and the placeholders of
+    ``gm`` it takes, in order (to evaluate a node on probe inputs: masks, tables)."""
+    needed, graph, env = ancestors(out), torch.fx.Graph(), {}
+    for n in gm.graph.nodes:
+        if n in needed:
+            env[n] = graph.node_copy(n, lambda a: env[a])
+    graph.output(env[out])
+    return torch.fx.GraphModule(gm, graph), [n for n in gm.graph.nodes if n.op == "placeholder" and n in needed]

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from autodeploy.fx_utils import owning_module
+from autodeploy.fx_utils import owning_module, subgraph_module
 from autodeploy.transforms.base import Transform, TransformConfig, TransformInfo
 
 logger = logging.getLogger("autodeploy.transforms")
@@ -126,22 +126,9 @@ class MaskProbe:
         return self.cache[key]
 
     def _evaluate(self, mask: Node) -> torch.Tensor:
-        needed, stack = set(), [mask]
-        while stack:
-            n = stack.pop()
-            if n not in needed:
-                needed.add(n)
-                stack.extend(n.all_input_nodes)
-        graph, env = torch.fx.Graph(), {}
-        for n in self.gm.graph.nodes:
-            if n in needed:
-                env[n] = graph.node_copy(n, lambda a: env[a])
-        graph.output(env[mask])
-        sub = GraphModule(self.gm, graph)
+        sub, placeholders = subgraph_module(self.gm, mask)
         args = []
-        for p in graph.nodes:
-            if p.op != "placeholder":
-                continue
+        for p in placeholders:
             val = p.meta.get("val")
             device = val.device if isinstance(val, torch.Tensor) else "cpu"
             if "position" in str(p.target):
