@@ -25,8 +25,8 @@ several subgraphs for one forward mean graph breaks (``torch._dynamo.explain`` n
 
 Options (``torch.compile(..., options={...})``): ``inductor`` (bool, default True; on the CPU a
 failing inductor compile falls back to eager with a warning unless ``inductor=True`` was given),
-``match_attention`` (bool, default True), ``ssm_backend`` ("auto" | "torch" | "triton", see
-``autodeploy.backends``), ``probe_length`` (int, default 4096: masks of dynamic-length graphs
+``match_attention`` (bool, default True), ``ssm_backend`` ("auto" | "torch" | "triton" |
+"flashinfer", the last meaning the Triton kernels here; see ``autodeploy.backends``), ``probe_length`` (int, default 4096: masks of dynamic-length graphs
 are probed at the larger of it and the current length rounded up to a power of two; a guard
 ``seq_len <= that length`` recompiles beyond it),
 ``inductor_config`` (dict of inductor config patches).
@@ -477,6 +477,8 @@ def _lower(gm: GraphModule, record: GraphRecord, ssm_backend: str) -> None:
         else:
             family = CANONICAL[node.target]
             backend = backends.resolve(family, ssm_backend, *_device_and_dtype(node))
+            if backend == "flashinfer":  # it has no uncached Mamba2 ops; its SSM backend's prefill lanes
+                backend = "triton"       # run the Triton scan and conv, so those kernels serve here
             if node.target == CAUSAL_CONV1D:
                 activation = node.args[3] if len(node.args) > 3 else node.kwargs.get("activation", "")
                 if backend == "triton" and ACTIVATIONS.get(activation, 0) in (None, F.silu):

@@ -249,3 +249,16 @@ def test_mamba2_on_triton_kernels():
     got = _compiled_logits(db.prepare(model), ids, pos, inductor=False, ssm_backend="triton")
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
     assert _single_record().implementations == {"triton_ssd_scan": 2, "triton_causal_conv1d": 2}
+
+
+@needs_triton
+def test_a_flashinfer_ssm_choice_lowers_to_the_triton_kernels(monkeypatch):
+    """Where auto picks the flashinfer SSM backend (bf16 on a GPU with flashinfer: found in review,
+    the lowering then fell back to the torch reference ops), the uncached graph gets the Triton
+    kernels, which flashinfer's SSM backend also runs for every non-decode lane."""
+    monkeypatch.setattr(db.backends, "resolve", lambda *args, **kwargs: "flashinfer")
+    model = build_model("mamba2")
+    ids, pos, ref = hf_logits(model, LENGTH)
+    got = _compiled_logits(db.prepare(model), ids, pos, inductor=False)
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+    assert _single_record().implementations == {"triton_ssd_scan": 2, "triton_causal_conv1d": 2}
