@@ -192,8 +192,7 @@ def _load(model: nn.Module | str | os.PathLike, dtype: torch.dtype):
 def _backends(cfg: DeployConfig) -> dict[str, str]:
     """The attention and SSM backends to use (``"auto"`` resolved for the device)."""
     attn = backends.resolve("attention", cfg.attn_backend, cfg.device, cfg.dtype)
-    speculative = cfg.speculative_config is not None
-    ssm = backends.resolve("ssd_scan", cfg.ssm_backend, cfg.device, cfg.dtype, speculative)
+    ssm = backends.resolve("ssd_scan", cfg.ssm_backend, cfg.device, cfg.dtype)
     if backends.resolve("causal_conv1d", ssm, cfg.device, cfg.dtype) != ssm:
         raise ValueError(f"no {ssm!r} backend for causal_conv1d")
     return {"attention": attn, "ssm": ssm}

@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import logging
 import os
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 # family -> backend -> (module that registers the op, op name in the autodeploy namespace)
 CACHED_OPS: dict[str, dict[str, tuple[str, str]]] = {
@@ -43,15 +40,10 @@ PREFERENCE = ("flashinfer", "triton", "torch")
 # what "auto" tries first, per family, by measurement (benchmarks/RESULTS.md, session 6, H100, bf16
 # bench-hybrid-0.6b under CUDA graphs): Triton attention decodes 1.4-1.9x faster than flashinfer's,
 # whose host plan() costs more per step (0.6-1.4 ms) than the attention itself; flashinfer's
-# selective_state_update beats the Triton scan by 7-11 % on whole decode steps
+# selective_state_update beats the Triton scan by 8-11 % on whole decode steps
 AUTO_ORDER = {"attention": ("triton", "flashinfer", "torch"), "ssd_scan": PREFERENCE, "causal_conv1d": PREFERENCE}
 # (family, backend) pairs "auto" does not pick yet: written and CPU-tested, not yet run on a GPU
 NOT_YET_AUTO: set[tuple[str, str]] = set()
-# (family, backend) pairs whose verify lanes run on another kernel than their plain decode lanes
-# (flashinfer's selective_state_update vs the Triton scan): in bf16 the two round differently, so
-# greedy tokens with speculation could differ from those without it. "auto" skips them when
-# speculation is on; an explicit request is honoured with a warning.
-MIXED_VERIFY = {("ssd_scan", "flashinfer"), ("causal_conv1d", "flashinfer")}
 
 
 FLASHINFER_DTYPES = ("float16", "bfloat16")  # its attention and Mamba kernels are built for these
@@ -82,25 +74,19 @@ def unavailable_reason(backend: str, device: str, dtype: str | None = None) -> s
     return f"unknown backend {backend!r}; known: {list(PREFERENCE)} or 'auto'"
 
 
-def resolve(family: str, requested: str, device: str, dtype: str | None = None, speculative: bool = False) -> str:
+def resolve(family: str, requested: str, device: str, dtype: str | None = None) -> str:
     """The backend to use for ``family``: ``requested`` if it can run, the best available one for
-    ``"auto"`` (one whose verify lanes match its decode lanes bit for bit when ``speculative``);
-    ValueError naming the reason otherwise."""
+    ``"auto"``; ValueError naming the reason otherwise."""
     known = CACHED_OPS[family]
     if requested == "auto":  # the interpreter is for tests: on the CPU, auto means torch
         on_cuda = str(device).startswith("cuda")
-        skip = NOT_YET_AUTO | (MIXED_VERIFY if speculative else set())
         return next(b for b in AUTO_ORDER[family] if b in known and unavailable_reason(b, device, dtype) is None
-                    and (on_cuda or b == "torch") and (family, b) not in skip)
+                    and (on_cuda or b == "torch") and (family, b) not in NOT_YET_AUTO)
     if requested not in known:
         raise ValueError(f"no {requested!r} backend for {family}; known: {sorted(known)} or 'auto'")
     reason = unavailable_reason(requested, device, dtype)
     if reason:
         raise ValueError(f"{family} backend {requested!r} is unavailable: {reason}")
-    if speculative and (family, requested) in MIXED_VERIFY:
-        logger.warning("%s backend %r runs verify lanes on another kernel than decode lanes: with speculative "
-                       "decoding, greedy tokens may differ from a run without it by rounding ('auto' or "
-                       "'triton' keeps them identical)", family, requested)
     return requested
 
 
