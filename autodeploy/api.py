@@ -44,8 +44,9 @@ class DeployConfig:
     pages.
     dtype: "float32" | "bfloat16" | "float16". device: "cpu" | "cuda". attn_backend, ssm_backend:
     cached-op backends, "torch" | "triton" | "flashinfer" | "auto" (the fastest available on the
-    device, as measured; see autodeploy.backends). compile_mode: "eager" | "inductor" | "cudagraph" | "inductor+cudagraph"
-    (AutoDeploy's torch-simple / torch-compile / torch-cudagraph / torch-opt are aliases).
+    device, as measured; see autodeploy.backends). compile_mode: "eager" | "inductor" |
+    "cudagraph" | "inductor+cudagraph" (AutoDeploy's torch-simple / torch-compile /
+    torch-cudagraph / torch-opt are aliases).
     cuda_graph_sizes: token counts to capture (default: powers of two up to a full decode or
     verify step of every lane); steps with more tokens run uncaptured.
     checked: checked mode (default: the AUTODEPLOY_CHECKED environment variable): the graph

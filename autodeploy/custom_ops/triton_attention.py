@@ -48,8 +48,9 @@ def _paged_attention_kernel(
     block = tl.program_id(0)
     lanes = tl.arange(0, BLOCK_L)
     lane_ok = lanes < num_lanes
-    lane_blocks = tl.where(lane_ok, (tl.load(cu_seqlens_ptr + lanes + 1, mask=lane_ok, other=0)
-                                     - tl.load(cu_seqlens_ptr + lanes, mask=lane_ok, other=0) + BLOCK_Q - 1) // BLOCK_Q, 0)
+    lane_lens = (tl.load(cu_seqlens_ptr + lanes + 1, mask=lane_ok, other=0)
+                 - tl.load(cu_seqlens_ptr + lanes, mask=lane_ok, other=0))
+    lane_blocks = tl.where(lane_ok, (lane_lens + BLOCK_Q - 1) // BLOCK_Q, 0)
     blocks_end = tl.cumsum(lane_blocks, axis=0)
     lane = tl.minimum(tl.sum(tl.where(lane_ok & (blocks_end <= block), 1, 0), axis=0), num_lanes - 1)
     blocks_before = tl.sum(tl.where(lanes == lane, blocks_end - lane_blocks, 0), axis=0)

@@ -123,18 +123,25 @@ def _conv_output_kernel(
     channels, num_tokens, num_lanes,
     stride_xc, stride_xt, stride_oc, stride_ot, stride_wc, stride_wk,
     stride_pl, stride_pc, stride_pk,
-    KW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SILU: tl.constexpr,
+    KW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
 ):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     t_ok, ch_ok = t < num_tokens, ch < channels
     ok = ch_ok[:, None] & t_ok[None, :]
     # token t belongs to the lane whose [cu[b], cu[b + 1]) holds it: the number of lane ends <= t
-    # (lanes of 0 tokens hold none; tokens past the last end stay in the last lane)
-    ends_at = tl.arange(0, BLOCK_L)
-    ends = tl.load(cu_seqlens_ptr + 1 + ends_at, mask=ends_at < num_lanes, other=num_tokens)
-    lane = tl.minimum(tl.sum((ends[None, :] <= t[:, None]).to(tl.int32), axis=1), num_lanes - 1)
+    # (lanes of 0 tokens hold none; tokens past the last end stay in the last lane), by a binary
+    # search over the sorted ends, SEARCH_STEPS = ceil(log2(lanes + 1)) halvings per token
+    lo = tl.zeros([BLOCK_T], tl.int32)
+    hi = lo + num_lanes
+    for _ in tl.static_range(SEARCH_STEPS):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        right = active & (tl.load(cu_seqlens_ptr + 1 + mid, mask=active, other=0) <= t)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(active & ~right, mid, hi)
+    lane = tl.minimum(lo, num_lanes - 1)
     pos = t - tl.load(cu_seqlens_ptr + lane, mask=t_ok, other=0)  # position of the token in its lane
     w_dtype = w_ptr.dtype.element_ty
 
@@ -206,7 +213,7 @@ def triton_cached_causal_conv1d(
         x[0], weight, bias if bias is not None else weight, start_state, out[0], cu_seqlens,
         c, num_tokens, num_lanes,
         *x[0].stride(), *out[0].stride(), *weight.stride(), *start_state.stride(),
-        KW=k, BLOCK_C=block_c, BLOCK_T=block_t, BLOCK_L=max(2, triton.next_power_of_2(num_lanes)),
+        KW=k, BLOCK_C=block_c, BLOCK_T=block_t, SEARCH_STEPS=num_lanes.bit_length(),
         HAS_BIAS=bias is not None,
         SILU=ACTIVATIONS[activation] is F.silu,
     )
