@@ -75,12 +75,17 @@ def test_triton_attention_backend_gives_the_torch_backend_tokens():
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
 
 
-def test_triton_ssm_and_attention_backends_with_speculation_give_the_torch_tokens():
+def test_triton_ssm_and_attention_backends_with_speculation_give_the_torch_tokens(monkeypatch):
     """The hybrid (Mamba2 + sliding window + full attention) entirely on Triton kernels under the
     interpreter, with draft-model speculation (verify lanes, replay), every step poisoned
-    (runtime/poison.py: NaN in every unowned page, ring row, slot and replay entry): the torch
+    (runtime/poison.py: NaN in every unowned page, ring row, slot and replay entry), prefill
+    chunks of >= 10 tokens through the SSD scan's chunk-parallel launches (chunks of 4): the torch
     backend's tokens."""
     pytest.importorskip("triton")
+    from autodeploy.custom_ops import triton_ssd_chunks
+
+    monkeypatch.setattr(triton_ssd_chunks, "PARALLEL_MIN_TOKENS", 10)
+    monkeypatch.setattr(triton_ssd_chunks, "PARALLEL_CHUNK", 4)
     model = build_model("hybrid")
     g = torch.Generator().manual_seed(1)
     ps = [{"prompt_token_ids": torch.randint(0, 256, (n,), generator=g).tolist()} for n in (4, 29)]

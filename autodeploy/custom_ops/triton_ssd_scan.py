@@ -12,7 +12,9 @@ keeps that [BLOCK_P, d_state] slice of the state in registers, in float32, from 
    lanes (decode, verify), or a chunk of BLOCK_T tokens at a time in the SSD (state space dual)
    form with ``tl.dot`` for lanes of at least ``CHUNKED_MIN_TOKENS`` tokens (prefill): inside a
    chunk y = (C B^T * decay * dt) x + (C S^T) * exp(cumsum(dt A)), and S passes to the next chunk.
-   The path is picked per lane on the device;
+   The path is picked per lane on the device. Lanes of at least ``PARALLEL_MIN_TOKENS`` tokens
+   from a committed state (no replay, not verifying) are left to the chunk-parallel launches of
+   ``triton_ssd_chunks.py`` (the same tiled form, split over chunks that run side by side);
 4. write the state back: the final one for a committing lane, the replayed one for a verify lane.
 
 A second, tiny kernel then stores the inputs (x, dt, B) of the verify lanes' tokens in the replay
@@ -76,6 +78,53 @@ def _discretize_dt(raw, dt_ptr, bias, dt_min, dt_max, HAS_DT_BIAS: tl.constexpr,
 
 
 @triton.jit
+def _scan_chunked(
+    state, start, end, head, group, x_ptr, dt_ptr, B_ptr, C_ptr, y_ptr,
+    stride_xt, stride_xh, stride_xp, stride_dtt, stride_dth, stride_bt, stride_bg, stride_bn,
+    stride_ct, stride_cg, stride_cn, stride_yt, stride_yh, stride_yp,
+    A, D, bias, dt_min, dt_max, offs_p, offs_n, p_ok, n_ok,
+    BLOCK_T: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    STORE_Y: tl.constexpr,
+):
+    """Tokens [start, end) of one head's [BLOCK_P, d_state] state slice in the chunked SSD form,
+    BLOCK_T tokens at a time; stores their outputs if STORE_Y. Returns the state after them and the
+    log decay sum(dt A) over them. Rows past ``end`` load x = B = C = 0 and dt = 0 (no decay), so
+    they change neither the outputs nor the state."""
+    offs_t = tl.arange(0, BLOCK_T)
+    causal = offs_t[:, None] >= offs_t[None, :]
+    log_decay = 0.0
+    for first in range(start, end, BLOCK_T):
+        t = first + offs_t
+        t_ok = t < end
+        xp_ok = t_ok[:, None] & p_ok[None, :]
+        bn_ok = t_ok[:, None] & n_ok[None, :]
+        xc = tl.load(x_ptr + t[:, None] * stride_xt + head * stride_xh + offs_p[None, :] * stride_xp,
+                     mask=xp_ok, other=0.0).to(tl.float32)
+        raw = tl.load(dt_ptr + t * stride_dtt + head * stride_dth, mask=t_ok, other=0.0)
+        dtc = tl.where(t_ok, _discretize_dt(raw, dt_ptr, bias, dt_min, dt_max, HAS_DT_BIAS, DT_SOFTPLUS), 0.0)
+        Bc = tl.load(B_ptr + t[:, None] * stride_bt + group * stride_bg + offs_n[None, :] * stride_bn,
+                     mask=bn_ok, other=0.0).to(tl.float32)
+        cum = tl.cumsum(dtc * A, axis=0)  # log decay from the tile's start through each token
+        total = tl.sum(tl.where(offs_t == BLOCK_T - 1, cum, 0.0), axis=0)  # through its end
+        if STORE_Y:
+            Cc = tl.load(C_ptr + t[:, None] * stride_ct + group * stride_cg + offs_n[None, :] * stride_cn,
+                         mask=bn_ok, other=0.0).to(tl.float32)
+            # decay from source j to target i >= j: exp(cum_i - cum_j); 0 above the diagonal
+            decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
+            scores = tl.dot(Cc, tl.trans(Bc), input_precision="ieee") * decay * dtc[None, :]
+            yc = tl.dot(scores, xc, input_precision="ieee")
+            yc += tl.dot(Cc, tl.trans(state), input_precision="ieee") * tl.exp(cum)[:, None]
+            if HAS_D:
+                yc += D * xc
+            tl.store(y_ptr + t[:, None] * stride_yt + head * stride_yh + offs_p[None, :] * stride_yp,
+                     _round_like(yc, y_ptr).to(y_ptr.dtype.element_ty), mask=xp_ok)
+        to_end = tl.exp(total - cum) * dtc  # [BLOCK_T]
+        state = state * tl.exp(total) + tl.dot(tl.trans(xc * to_end[:, None]), Bc, input_precision="ieee")
+        log_decay += total
+    return state, log_decay
+
+
+@triton.jit
 def _cached_ssd_scan_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, y_ptr, state_ptr,
     rx_ptr, rdt_ptr, rB_ptr,
@@ -89,7 +138,7 @@ def _cached_ssd_scan_kernel(
     stride_rxs, stride_rxt, stride_rxh, stride_rxp,
     stride_rdts, stride_rdtt, stride_rdth,
     stride_rbs, stride_rbt, stride_rbg, stride_rbn,
-    replay_capacity, dt_min, dt_max, chunked_min_tokens,
+    replay_capacity, dt_min, dt_max, chunked_min_tokens, parallel_min_tokens,
     HEADS_PER_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_STATE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, CHUNKED: tl.constexpr,
@@ -108,6 +157,8 @@ def _cached_ssd_scan_kernel(
     # tokens, the other the rest; a program whose lane is the other variant's does nothing (it
     # sees an empty lane), so the decode variant is not burdened by the chunked path's registers.
     mine = (end - start >= chunked_min_tokens) == CHUNKED
+    # long lanes from a committed state are the chunk-parallel launches' (triton_ssd_chunks.py)
+    mine = mine & ~((end - start >= parallel_min_tokens) & (tl.load(replay_lens_ptr + lane) == 0) & ~verify)
     if HAS_SKIP:  # lanes another kernel serves (the flashinfer backend's plain decode lanes)
         mine = mine & (tl.load(skip_ptr + lane) == 0)
     end = tl.where(mine, end, start)
@@ -149,36 +200,12 @@ def _cached_ssd_scan_kernel(
     tl.store(state_ptrs, state, mask=(offs_p < replayed_rows)[:, None] & n_ok[None, :])
 
     if CHUNKED:
-        # Chunked SSD form, BLOCK_T tokens at a time. Rows past the lane's end load x = B = C = 0
-        # and dt = 0 (no decay), so they change neither the outputs nor the state.
-        offs_t = tl.arange(0, BLOCK_T)
-        causal = offs_t[:, None] >= offs_t[None, :]
-        for first in range(start, end, BLOCK_T):
-            t = first + offs_t
-            t_ok = t < end
-            xp_ok = t_ok[:, None] & p_ok[None, :]
-            bn_ok = t_ok[:, None] & n_ok[None, :]
-            xc = tl.load(x_ptr + t[:, None] * stride_xt + head * stride_xh + offs_p[None, :] * stride_xp,
-                         mask=xp_ok, other=0.0).to(tl.float32)
-            raw = tl.load(dt_ptr + t * stride_dtt + head * stride_dth, mask=t_ok, other=0.0)
-            dtc = tl.where(t_ok, _discretize_dt(raw, dt_ptr, bias, dt_min, dt_max, HAS_DT_BIAS, DT_SOFTPLUS), 0.0)
-            Bc = tl.load(B_ptr + t[:, None] * stride_bt + group * stride_bg + offs_n[None, :] * stride_bn,
-                         mask=bn_ok, other=0.0).to(tl.float32)
-            Cc = tl.load(C_ptr + t[:, None] * stride_ct + group * stride_cg + offs_n[None, :] * stride_cn,
-                         mask=bn_ok, other=0.0).to(tl.float32)
-            cum = tl.cumsum(dtc * A, axis=0)  # log decay from the chunk's start through each token
-            total = tl.sum(tl.where(offs_t == BLOCK_T - 1, cum, 0.0), axis=0)  # through its end
-            # decay from source j to target i >= j: exp(cum_i - cum_j); 0 above the diagonal
-            decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
-            scores = tl.dot(Cc, tl.trans(Bc), input_precision="ieee") * decay * dtc[None, :]
-            yc = tl.dot(scores, xc, input_precision="ieee")
-            yc += tl.dot(Cc, tl.trans(state), input_precision="ieee") * tl.exp(cum)[:, None]
-            if HAS_D:
-                yc += D * xc
-            tl.store(y_ptr + t[:, None] * stride_yt + head * stride_yh + offs_p[None, :] * stride_yp,
-                     _round_like(yc, y_ptr).to(y_ptr.dtype.element_ty), mask=xp_ok)
-            to_end = tl.exp(total - cum) * dtc  # [BLOCK_T]
-            state = state * tl.exp(total) + tl.dot(tl.trans(xc * to_end[:, None]), Bc, input_precision="ieee")
+        state, _ = _scan_chunked(
+            state, start, end, head, group, x_ptr, dt_ptr, B_ptr, C_ptr, y_ptr,
+            stride_xt, stride_xh, stride_xp, stride_dtt, stride_dth, stride_bt, stride_bg, stride_bn,
+            stride_ct, stride_cg, stride_cn, stride_yt, stride_yh, stride_yp,
+            A, D, bias, dt_min, dt_max, offs_p, offs_n, p_ok, n_ok,
+            BLOCK_T, HAS_D, HAS_DT_BIAS, DT_SOFTPLUS, True)
     else:
         for t in range(start, end):
             xv = tl.load(x_ptr + t * stride_xt + head * stride_xh + offs_p * stride_xp,
@@ -310,7 +337,11 @@ def launch_cached_ssd_scan(x, dt, A, B, C, D, dt_bias, ssm_state, replay_x, repl
     block_t = max(16, min(_MAX_CHUNK_TILE, triton.next_power_of_2(chunk_size)))
 
     # the recurrent (decode, verify, short) lanes, then the long ones; a step of fewer tokens than
-    # CHUNKED_MIN_TOKENS has no long lane (a shape fact, so a captured graph stays valid)
+    # CHUNKED_MIN_TOKENS has no long lane, one of fewer than PARALLEL_MIN_TOKENS no lane for the
+    # chunk-parallel launches (shape facts, so a captured graph stays valid)
+    from autodeploy.custom_ops import triton_ssd_chunks
+
+    parallel = num_tokens >= triton_ssd_chunks.PARALLEL_MIN_TOKENS
     for chunked in (False, True) if num_tokens >= CHUNKED_MIN_TOKENS else (False,):
         _cached_ssd_scan_kernel[(lanes, h, triton.cdiv(p, block_p))](
             x0, dt0, A, B0, C0, D if D is not None else A, dt_bias if dt_bias is not None else A, y0, ssm_state,
@@ -319,11 +350,16 @@ def launch_cached_ssd_scan(x, dt, A, B, C, D, dt_bias, ssm_state, replay_x, repl
             skip.view(torch.uint8) if skip is not None else slots,
             *x_s, *dt_s, *B_s, *C_s, *y_s, *ssm_state.stride(), *rx_s, *rdt_s, *rB_s,
             capacity, float(dt_min), float(dt_max), CHUNKED_MIN_TOKENS,
+            triton_ssd_chunks.PARALLEL_MIN_TOKENS if parallel else 2**30,
             HEADS_PER_GROUP=h // g, HEAD_DIM=p, D_STATE=n,
             BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_T=block_t,
             HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),
             CHUNKED=chunked, HAS_SKIP=skip is not None, num_warps=_NUM_WARPS,
         )
+    if parallel:  # the lanes the scan left (disjoint slots and outputs: the order is free)
+        triton_ssd_chunks.launch_parallel_chunks(
+            x0, dt0, A, B0, C0, D, dt_bias, y0, ssm_state, slots, cu_seqlens, has_state_u8, replay_lens,
+            is_verify_u8, dt_softplus, dt_min, dt_max, num_tokens, h, p, g, n, block_p, block_n, block_t)
     if has_replay and num_tokens:
         _store_verify_inputs_kernel[(lanes, h)](
             x0, dt0, B0, rx, rdt, rB,

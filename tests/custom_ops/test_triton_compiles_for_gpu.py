@@ -129,9 +129,21 @@ def _small_ops() -> None:
         kshape = (1, 3, 2, 256) if token_dim == 1 else (1, 2, 3, 256)
         triton_rope(torch.randn(shape, dtype=bf16), torch.randn(kshape, dtype=bf16), positions, table, table, token_dim)
     triton_logit_rows(torch.tensor([3, 1, 0], dtype=torch.int32), torch.tensor([True, False, False]), 5)
+    # the SSD scan's chunk-parallel launches: a step with a lane of >= PARALLEL_MIN_TOKENS tokens
+    from autodeploy.custom_ops.prepare_metadata import prepare_ssm_metadata
+    from autodeploy.custom_ops.triton_ssd_scan import launch_cached_ssd_scan
+
+    lens = torch.tensor([400, 112], dtype=torch.int32)
+    scan_meta = prepare_ssm_metadata(torch.zeros(1, 512, dtype=torch.long), lens,
+                                     torch.tensor([16, 0], dtype=torch.int32), torch.zeros(2, dtype=torch.int32),
+                                     torch.zeros(2, dtype=torch.bool))
+    x = torch.randn(1, 512, 64, 64, dtype=bf16)
+    BC = torch.randn(1, 512, 8, 128, dtype=bf16)
+    launch_cached_ssd_scan(x, torch.randn(1, 512, 64, dtype=bf16), -torch.rand(64), BC, BC, torch.randn(64),
+                           torch.randn(64), torch.zeros(3, 64, 64, 128), None, None, None,
+                           torch.tensor([1, 2], dtype=torch.int32), *scan_meta, True, 0.0, float("inf"), 128)
     # the flashinfer SSM backend's lane split (its decode kernel is flashinfer's, not compiled here)
     from autodeploy.custom_ops.flashinfer_ssd_scan import decode_lane_inputs
-    from autodeploy.custom_ops.prepare_metadata import prepare_ssm_metadata
 
     i32 = torch.int32
     meta = prepare_ssm_metadata(torch.zeros(1, 3, dtype=torch.long), torch.tensor([1, 1, 1], dtype=i32),

@@ -12,7 +12,7 @@ from helpers import DEVICE
 
 pytest.importorskip("triton")
 
-from autodeploy.custom_ops import triton_ssd_scan  # noqa: E402
+from autodeploy.custom_ops import triton_ssd_chunks, triton_ssd_scan  # noqa: E402
 from autodeploy.custom_ops.torch_cached_ssm import torch_cached_ssd_scan  # noqa: E402, F401
 
 TRITON = torch.ops.autodeploy.triton_cached_ssd_scan.default
@@ -34,13 +34,19 @@ MIXED = [
     (2, 3, 8, 0, False),    # short extend
 ]
 
-# Which path takes a lane's tokens: all token by token, the kernel's default, all chunked.
-PATHS = {"recurrent": 10**9, "default": triton_ssd_scan.CHUNKED_MIN_TOKENS, "chunked": 1}
+# Which path takes a lane's tokens: all token by token, the kernel's default, all chunked, and
+# the chunk-parallel launches for lanes of >= 20 tokens from a committed state (MIXED's fresh
+# 37-token prefill: chunks of 12, 12, 12, 1; its continuing 21-token chunk: 12, 9), in chunks of
+# 12 tokens, which the 16-token tiles cover partially.
+PATHS = {"recurrent": 10**9, "default": triton_ssd_scan.CHUNKED_MIN_TOKENS, "chunked": 1, "parallel": 1}
 
 
 @pytest.fixture(params=list(PATHS))
 def path(request, monkeypatch):
     monkeypatch.setattr(triton_ssd_scan, "CHUNKED_MIN_TOKENS", PATHS[request.param])
+    if request.param == "parallel":
+        monkeypatch.setattr(triton_ssd_chunks, "PARALLEL_MIN_TOKENS", 20)
+        monkeypatch.setattr(triton_ssd_chunks, "PARALLEL_CHUNK", 12)
     return request.param
 
 
