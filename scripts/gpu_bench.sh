@@ -30,15 +30,14 @@ section() {
   echo "== $1: $((SECONDS - t0)) s$([ "$rc" = 124 ] && echo ", cut at its ${limit} s limit")"
   save_builds
 }
-# the limits add up to 510 s, leaving room in a 600 s call for the wheel install, the report and
-# the machine's start; the transforms table (bench_transforms.py) is a separate call
+# The limits add up to 500 s, leaving room in a 600 s call for the wheel install and the report.
+# Separate calls: the transforms table (bench_transforms.py --out OUT) and inductor decode rows
+# (bench_decode.py --batch 64 --append --configs torch-opt:triton:flashinfer, ~40 s per build).
 # CUDA-graph configurations at every batch size: both Triton backends, the auto choice (Triton
-# attention, flashinfer SSM), all flashinfer; inductor (torch-opt, ~40 s of compiling per build)
-# only where it won before, batch 64 (bench_decode appends its rows to the same decode.json)
+# attention, flashinfer SSM), all flashinfer
 section 170 benchmarks/bench_decode.py --out "$OUT" --batch 1 8 64 --hf \
   --configs cudagraph:triton:triton cudagraph:triton:flashinfer cudagraph:flashinfer:flashinfer "$@"
-section 90 benchmarks/bench_decode.py --out "$OUT" --batch 64 --append --configs torch-opt:triton:flashinfer
-section 250 benchmarks/bench_suite.py --out "$OUT"
+section 330 benchmarks/bench_suite.py --out "$OUT"
 python3 benchmarks/report.py --results "$OUT" > "$OUT/RESULTS_run.md"
 python3 -c "import matplotlib" 2>/dev/null && python3 benchmarks/plot.py --results "$OUT" --out "$OUT"
 true
