@@ -36,12 +36,11 @@ def _sync_time(fn, repeat: int) -> float:
 
 
 # -- prefill ---------------------------------------------------------------------------------------
-def prefill(models: list[str]) -> list[dict]:
+def prefill(models: list[str], rows: list) -> list[dict]:
     """Time to first token and prefill tok/s for 2k and 8k prompts (one request, 2k-token chunks),
     with prefill chunks run eagerly (the default capture sizes stop at a full decode step) and
     replayed from a graph captured at the chunk size (``cuda_graph_sizes``), against transformers'
     forward on the same prompt."""
-    rows = []
     g = torch.Generator().manual_seed(0)
     chunk = 2048
     for name in models:
@@ -75,7 +74,7 @@ def prefill(models: list[str]) -> list[dict]:
 
 
 # -- op-level overhead -----------------------------------------------------------------------------
-def overhead(batch: int = 64, context: int = 512) -> list[dict]:
+def overhead(rows: list, batch: int = 64, context: int = 512) -> list[dict]:
     """A decode step of ``batch`` lanes through one attention layer and one Mamba layer: our path
     (prepare node + cached op, and the flashinfer plan on the host) against the raw kernel alone
     on the same inputs (flashinfer's paged kernel run; for the SSM, flashinfer's
@@ -86,7 +85,6 @@ def overhead(batch: int = 64, context: int = 512) -> list[dict]:
     from autodeploy.custom_ops.prepare_metadata import prepare_attention_metadata, prepare_ssm_metadata
     import autodeploy.custom_ops.triton_ssd_scan  # noqa: F401  (registers the Triton cached scan)
 
-    rows = []
     page, hq, hkv, d = 16, 16, 4, 128
     pages_per = -(-(context + 1) // page)
     lanes = batch + 1
@@ -190,7 +188,7 @@ def _kernels(fn) -> tuple[float, int, list[dict]]:
         {"kernel": e.key[:90], "us": e.self_device_time_total, "count": e.count} for e in top]
 
 
-def profile(models: list[str], batches=(1, 64), context: int = 512) -> list[dict]:
+def profile(models: list[str], rows: list, batches=(1, 64), context: int = 512) -> list[dict]:
     """Where a decode step's time goes (CUDA graphs, Triton backends): the runner's whole step
     (host input fill + plans + replay + logits copy), the graph replay alone (back to back, GPU
     bound), and the sum of the kernels' own times in one eager run of the same graph. replay -
@@ -198,7 +196,6 @@ def profile(models: list[str], batches=(1, 64), context: int = 512) -> list[dict
     2k-token prefill step (eager: prefill steps are not captured): kernel sum vs wall time."""
     from autodeploy.runtime.batch import LaneInput
 
-    rows = []
     for name in models:
         model = build_model(name, dtype=torch.bfloat16, device="cuda")
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -261,14 +258,13 @@ def profile(models: list[str], batches=(1, 64), context: int = 512) -> list[dict
 
 
 # -- sliding-window memory -------------------------------------------------------------------------
-def memory(budget_gib: float = 20.0) -> list[dict]:
+def memory(rows: list, budget_gib: float = 20.0) -> list[dict]:
     """KV bytes per sequence of bench-swa-0.7b (5 sliding W=1024 : 1 full layers) at 4k/32k/128k
     context, against a full-length cache for every layer; and how many such sequences fit in a
     fixed KV budget."""
     model = build_model("bench-swa-0.7b", dtype=torch.bfloat16, device="cuda")
     cfg = model.config
     per_token_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * 2  # K and V, bf16
-    rows = []
     for context in (4096, 32768, 131072):
         llm = LLM(model, max_batch_size=1, max_seq_len=context, max_num_tokens=256, **BF16)
         pools = llm.cache_bytes()
@@ -302,14 +298,13 @@ class KnownContinuation(Drafter):
                 zip(requests, num_tokens)]
 
 
-def spec(k: int = 4, new: int = 256) -> list[dict]:
+def spec(rows: list, k: int = 4, new: int = 256) -> list[dict]:
     """n-gram speculation vs none at batch 1 on bench-hybrid-0.6b, CUDA graphs, on a repetitive
     prompt (a 64-token random phrase repeated 8 times); replay buffer bytes vs (1 + K) state copies."""
     model = build_model("bench-hybrid-0.6b", dtype=torch.bfloat16, device="cuda")
     phrase = torch.randint(0, 32000, (64,), generator=torch.Generator().manual_seed(5)).tolist()
     prompt = [{"prompt_token_ids": phrase * 8}]
     params = SamplingParams(max_tokens=new, ignore_eos=True)
-    rows = []
     outs = {}
     for method in ("none", "ngram", "known continuation"):
         sc = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4} if method != "none" else None
@@ -350,26 +345,33 @@ def main() -> None:
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
-    for section in args.sections:
-        t0 = time.perf_counter()
-        try:
-            if section == "profile":
-                results[section] = profile(["bench-hybrid-0.6b", "bench-swa-0.7b"])
-            elif section == "prefill":
-                results[section] = prefill(["bench-hybrid-0.6b", "bench-swa-0.7b"])
-            elif section == "overhead":
-                results[section] = overhead()
-            elif section == "memory":
-                results[section] = memory()
-            elif section == "spec":
-                results[section] = spec()
-        except Exception as e:  # one section failing must not lose the others' numbers
-            results[section] = {"error": repr(e)}
-            print(f"section {section} failed: {e!r}", flush=True)
-        print(f"== {section}: {time.perf_counter() - t0:.0f} s", flush=True)
-        with open(os.path.join(args.out, "suite.json"), "w") as f:
+    path = os.path.join(args.out, "suite.json")
+
+    def save() -> None:
+        with open(path, "w") as f:
             json.dump(results, f, indent=1)
 
+    class Rows(list):
+        """A section's rows, saved to suite.json as each one comes: a section cut by a time
+        limit keeps what it measured."""
+
+        def append(self, row) -> None:
+            super().append(row)
+            save()
+
+    run = {"profile": lambda rows: profile(["bench-hybrid-0.6b", "bench-swa-0.7b"], rows),
+           "prefill": lambda rows: prefill(["bench-hybrid-0.6b", "bench-swa-0.7b"], rows),
+           "overhead": overhead, "memory": memory, "spec": spec}
+    for section in args.sections:
+        t0 = time.perf_counter()
+        results[section] = Rows()
+        try:
+            run[section](results[section])
+        except Exception as e:  # one section failing must not lose the others' numbers
+            results[section] = {"error": repr(e), "rows": list(results[section])}
+            print(f"section {section} failed: {e!r}", flush=True)
+        print(f"== {section}: {time.perf_counter() - t0:.0f} s", flush=True)
+        save()
 
 if __name__ == "__main__":
     main()
