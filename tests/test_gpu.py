@@ -52,6 +52,23 @@ def test_bfloat16_prefill_logits_near_float32_torch(name):
     assert (got - ref).abs().max() <= 5e-2 * ref.abs().max()
 
 
+def test_long_prefill_through_the_chunk_parallel_scan_gives_torch_tokens(monkeypatch):
+    """Prompts of 600 and 300 tokens: the SSD scan's chunk-parallel launches at their real sizes
+    (256-token chunks, a fresh lane and a continuing one) give the torch backend's greedy tokens in
+    float32 (CPU: the same check under the interpreter passes)."""
+    from autodeploy.custom_ops import triton_ssd_chunks
+
+    launched, real = [], triton_ssd_chunks.launch_parallel_chunks
+    monkeypatch.setattr(triton_ssd_chunks, "launch_parallel_chunks",
+                        lambda *a, **k: (launched.append(1), real(*a, **k)))
+    model = build_model("hybrid")
+    opts = dict(max_batch_size=2, max_seq_len=1024, max_num_tokens=640, page_size=16, device="cuda")
+    ps, params = prompts(model.config.vocab_size, lens=(600, 300)), SamplingParams(max_tokens=16, ignore_eos=True)
+    ref = tokens(LLM(model, attn_backend="torch", ssm_backend="torch", **opts), ps, params)
+    assert tokens(LLM(model, attn_backend="triton", ssm_backend="triton", **opts), ps, params) == ref
+    assert launched, "no step went through the chunk-parallel launches"
+
+
 @pytest.mark.parametrize("name", zoo_names())
 def test_cuda_graphs_give_eager_tokens(name):
     """Captured decode/verify graphs (padded to the next captured size) and inductor + CUDA graphs
