@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from autodeploy.custom_ops.triton_ssd_scan import _scan_chunked
+from autodeploy.custom_ops.triton_ssd_scan import _head_params, _scan_chunked
 
 __all__ = ["PARALLEL_MIN_TOKENS", "PARALLEL_CHUNK", "launch_parallel_chunks"]
 
@@ -35,27 +35,25 @@ PARALLEL_CHUNK = 256
 
 
 @triton.jit
-def _lane_chunks(cu_seqlens_ptr, replay_lens_ptr, is_verify_ptr, lane, num_lanes, min_tokens,
+def _lane_chunks(cu_seqlens_ptr, replay_lens_ptr, is_verify_ptr, num_lanes, min_tokens,
                  CHUNK: tl.constexpr, BLOCK_L: tl.constexpr):
-    """(first chunk id, number of chunks) of ``lane``: lanes of at least ``min_tokens`` tokens with
-    no replay and no verify own ceil(n / CHUNK) consecutive chunk ids, in lane order."""
+    """[BLOCK_L] chunk counts per lane and their running ends: lanes of at least ``min_tokens``
+    tokens with no replay and no verify own ceil(n / CHUNK) consecutive chunk ids, in lane order;
+    lane b's ids are [ends[b] - chunks[b], ends[b])."""
     lanes = tl.arange(0, BLOCK_L)
     ok = lanes < num_lanes
     n = tl.load(cu_seqlens_ptr + lanes + 1, mask=ok, other=0) - tl.load(cu_seqlens_ptr + lanes, mask=ok, other=0)
     served = ok & (n >= min_tokens) & (tl.load(replay_lens_ptr + lanes, mask=ok, other=1) == 0) \
         & (tl.load(is_verify_ptr + lanes, mask=ok, other=1) == 0)
     chunks = tl.where(served, (n + CHUNK - 1) // CHUNK, 0)
-    ends = tl.cumsum(chunks, axis=0)
-    mine = lanes == lane
-    return tl.sum(tl.where(mine, ends - chunks, 0), axis=0), tl.sum(tl.where(mine, chunks, 0), axis=0), ends, chunks
+    return chunks, tl.cumsum(chunks, axis=0)
 
 
 @triton.jit
 def _chunk_lane(cu_seqlens_ptr, replay_lens_ptr, is_verify_ptr, chunk, num_lanes, min_tokens,
                 CHUNK: tl.constexpr, BLOCK_L: tl.constexpr):
     """(lane, first token, end token) of chunk id ``chunk``; an empty range past every lane's chunks."""
-    _, _, ends, chunks = _lane_chunks(cu_seqlens_ptr, replay_lens_ptr, is_verify_ptr, 0, num_lanes, min_tokens,
-                                      CHUNK, BLOCK_L)
+    chunks, ends = _lane_chunks(cu_seqlens_ptr, replay_lens_ptr, is_verify_ptr, num_lanes, min_tokens, CHUNK, BLOCK_L)
     lanes = tl.arange(0, BLOCK_L)
     lane = tl.minimum(tl.sum(tl.where((lanes < num_lanes) & (ends <= chunk), 1, 0), axis=0), num_lanes - 1)
     before = tl.sum(tl.where(lanes == lane, ends - chunks, 0), axis=0)
@@ -93,13 +91,7 @@ def _chunk_kernel(
     pn_ok = p_ok[:, None] & n_ok[None, :]
     state_ptrs = (chunk_state_ptr + (chunk.to(tl.int64) * HEADS + head) * (HEAD_DIM * D_STATE)
                   + offs_p[:, None] * D_STATE + offs_n[None, :])
-    A = tl.load(A_ptr + head).to(tl.float32)
-    D = 0.0
-    if HAS_D:
-        D = tl.load(D_ptr + head).to(tl.float32)
-    bias = 0.0
-    if HAS_DT_BIAS:
-        bias = tl.load(dt_bias_ptr + head)
+    A, D, bias = _head_params(A_ptr, D_ptr, dt_bias_ptr, head, HAS_D, HAS_DT_BIAS)
     if OUTPUTS:
         state = tl.load(state_ptrs, mask=pn_ok, other=0.0)
     else:
@@ -127,8 +119,10 @@ def _pass_states_kernel(
     """Launch 2: the state entering each of the lane's chunks, in order; the last to the slot."""
     lane = tl.program_id(0)
     head = tl.program_id(1)
-    first_chunk, num_chunks, _, _ = _lane_chunks(cu_seqlens_ptr, replay_lens_ptr, is_verify_ptr, lane, num_lanes,
-                                                 min_tokens, CHUNK, BLOCK_L)
+    chunks, ends = _lane_chunks(cu_seqlens_ptr, replay_lens_ptr, is_verify_ptr, num_lanes, min_tokens, CHUNK, BLOCK_L)
+    mine = tl.arange(0, BLOCK_L) == lane
+    first_chunk = tl.sum(tl.where(mine, ends - chunks, 0), axis=0)
+    num_chunks = tl.sum(tl.where(mine, chunks, 0), axis=0)
     if num_chunks == 0:
         return
     offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)

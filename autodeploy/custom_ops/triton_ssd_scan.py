@@ -78,6 +78,19 @@ def _discretize_dt(raw, dt_ptr, bias, dt_min, dt_max, HAS_DT_BIAS: tl.constexpr,
 
 
 @triton.jit
+def _head_params(A_ptr, D_ptr, dt_bias_ptr, head, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr):
+    """One head's A and D in float32 (D 0 without one) and dt bias as stored (0 without one)."""
+    A = tl.load(A_ptr + head).to(tl.float32)
+    D = 0.0
+    if HAS_D:
+        D = tl.load(D_ptr + head).to(tl.float32)
+    bias = 0.0
+    if HAS_DT_BIAS:
+        bias = tl.load(dt_bias_ptr + head)
+    return A, D, bias
+
+
+@triton.jit
 def _scan_chunked(
     state, start, end, head, group, x_ptr, dt_ptr, B_ptr, C_ptr, y_ptr,
     stride_xt, stride_xh, stride_xp, stride_dtt, stride_dth, stride_bt, stride_bg, stride_bn,
@@ -179,13 +192,7 @@ def _cached_ssd_scan_kernel(
                   + offs_p[:, None] * stride_sp + offs_n[None, :] * stride_sn)
     state = tl.load(state_ptrs, mask=(offs_p < load_rows)[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
 
-    A = tl.load(A_ptr + head).to(tl.float32)
-    D = 0.0
-    if HAS_D:
-        D = tl.load(D_ptr + head).to(tl.float32)
-    bias = 0.0
-    if HAS_DT_BIAS:
-        bias = tl.load(dt_bias_ptr + head)
+    A, D, bias = _head_params(A_ptr, D_ptr, dt_bias_ptr, head, HAS_D, HAS_DT_BIAS)
 
     # Replay: the accepted drafts of the slot's last verify step, onto the committed state.
     for i in range(0, replay):
