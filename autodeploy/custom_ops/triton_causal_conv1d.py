@@ -132,13 +132,14 @@ def _conv_output_kernel(
     ok = ch_ok[:, None] & t_ok[None, :]
     # token t belongs to the lane whose [cu[b], cu[b + 1]) holds it: the number of lane ends <= t
     # (lanes of 0 tokens hold none; tokens past the last end stay in the last lane), by a binary
-    # search over the sorted ends, SEARCH_STEPS = ceil(log2(lanes + 1)) halvings per token
+    # search over the sorted ends, SEARCH_STEPS = ceil(log2(lanes + 1)) halvings per token (a loop,
+    # not a static_range: triton 3.6's layout pass fails on the unrolled form with int64 ends)
     lo = tl.zeros([BLOCK_T], tl.int32)
     hi = lo + num_lanes
-    for _ in tl.static_range(SEARCH_STEPS):
+    for _ in range(SEARCH_STEPS):
         active = lo < hi
         mid = (lo + hi) // 2
-        right = active & (tl.load(cu_seqlens_ptr + 1 + mid, mask=active, other=0) <= t)
+        right = active & (tl.load(cu_seqlens_ptr + 1 + mid, mask=active, other=0).to(tl.int32) <= t)
         lo = tl.where(right, mid + 1, lo)
         hi = tl.where(active & ~right, mid, hi)
     lane = tl.minimum(lo, num_lanes - 1)

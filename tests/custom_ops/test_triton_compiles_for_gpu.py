@@ -60,7 +60,7 @@ _COMPILE = textwrap.dedent("""
             assert kernel.asm.get("cubin"), "no cubin"
         except Exception as e:
             failures.append(f"{launch['name']} {signature} {constexprs}: {type(e).__name__}: {e}")
-    print(json.dumps(failures))
+    print(json.dumps({"triton_file": triton.__file__, "failures": failures}))
 """)
 
 
@@ -81,12 +81,24 @@ def recorded(monkeypatch):
     return launches
 
 
-def _compile_for_sm90(launches: dict) -> list[str]:
+# The GPU machine's Triton is older than ours (torch 2.11 pins triton 3.6.0; ../shared/DEVICE.md) and
+# its compiler rejects code 3.9 accepts (a lane search in a static_range unrolled over an int64 load
+# failed its layout pass): the README's test command installs that version into .gpu-triton/ so
+# that every kernel is compiled by both.
+GPU_TRITON = os.environ.get("AUTODEPLOY_GPU_TRITON", os.path.join(os.path.dirname(__file__), "..", "..", ".gpu-triton"))
+
+
+def _compile_for_sm90(launches: dict, triton_path: str | None = None) -> list[str]:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
+    if triton_path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(triton_path), *sys.path])
     proc = subprocess.run([sys.executable, "-c", _COMPILE], input=json.dumps(list(launches.values())),
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if triton_path is not None:  # the compiler asked for, not the installed one
+        assert os.path.realpath(result["triton_file"]).startswith(os.path.realpath(triton_path)), result["triton_file"]
+    return result["failures"]
 
 
 def _model_steps(launches: dict) -> None:
@@ -142,6 +154,17 @@ def _small_ops() -> None:
     launch_cached_ssd_scan(x, torch.randn(1, 512, 64, dtype=bf16), -torch.rand(64), BC, BC, torch.randn(64),
                            torch.randn(64), torch.zeros(3, 64, 64, 128), None, None, None,
                            torch.tensor([1, 2], dtype=torch.int32), *scan_meta, True, 0.0, float("inf"), 128)
+    # the conv's in-kernel lane search at more lane counts (its unrolled depth grows with them), with
+    # the int64 lane ends the float32 zoo models pass
+    from autodeploy.custom_ops.triton_causal_conv1d import triton_cached_causal_conv1d
+
+    for lanes, dtype, ends in ((5, f32, torch.int64), (64, bf16, torch.int64), (9, bf16, torch.int32)):
+        xc = torch.randn(1, 96, lanes, dtype=dtype)
+        triton_cached_causal_conv1d(xc, torch.randn(96, 4, dtype=dtype), torch.randn(96, dtype=dtype), "silu",
+                                    torch.zeros(lanes + 1, 96, 3, dtype=dtype), None,
+                                    torch.arange(1, lanes + 1, dtype=torch.int32), torch.arange(lanes + 1, dtype=ends),
+                                    torch.ones(lanes, dtype=torch.bool), torch.zeros(lanes, dtype=torch.int32),
+                                    torch.zeros(lanes, dtype=torch.bool))
     # the flashinfer SSM backend's lane split (its decode kernel is flashinfer's, not compiled here)
     from autodeploy.custom_ops.flashinfer_ssd_scan import decode_lane_inputs
 
@@ -153,12 +176,18 @@ def _small_ops() -> None:
                        torch.tensor([1, 2, 3], dtype=i32), *meta)
 
 
-def test_every_triton_kernel_compiles_for_sm90(recorded):
+@pytest.mark.parametrize("triton_version", ["installed", "gpu machine's"])
+def test_every_triton_kernel_compiles_for_sm90(recorded, triton_version):
+    triton_path = None
+    if triton_version != "installed":
+        if not os.path.isdir(os.path.join(GPU_TRITON, "triton")):
+            pytest.skip(f"no Triton at {GPU_TRITON}: pip install --no-deps --target .gpu-triton triton==3.6.0")
+        triton_path = GPU_TRITON
     _model_steps(recorded)
     _small_ops()
     launched = {launch["name"] for launch in recorded.values()}
     kernels = {fn.fn.__name__ for name, mod in list(sys.modules.items()) if name.startswith("autodeploy.custom_ops.triton_")
                for fn in vars(mod).values() if isinstance(fn, InterpretedFunction) and fn.fn.__name__.endswith("_kernel")}
     assert len(kernels) >= 8 and kernels <= launched, f"kernels never launched here: {sorted(kernels - launched)}"
-    failures = _compile_for_sm90(recorded)
+    failures = _compile_for_sm90(recorded, triton_path)
     assert not failures, "\n".join(failures)
