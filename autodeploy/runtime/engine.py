@@ -51,6 +51,18 @@ class Request:
         return self.prompt + self.output
 
     @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def new_tokens(self, n: int) -> list[int]:
+        """The ``n`` tokens after the cached ones, without building the whole sequence (the decode
+        loop asks for one token of every lane every step)."""
+        start, split = self.num_cached, len(self.prompt)
+        if start >= split:
+            return self.output[start - split:start - split + n]
+        return self.prompt[start:start + n] + self.output[:max(0, start + n - split)]
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
@@ -126,10 +138,15 @@ class Engine:
     def _schedule(self) -> tuple[list[tuple[Request, int]], dict[int, int]]:
         """Lanes as (request, new tokens), and lane index -> how many drafts a decode lane may carry."""
         budget, lanes, room = self.sizes.max_num_tokens, [], {}
-        decodes = [r for r in self.running if len(r.tokens) - r.num_cached == 1]
-        prefills = [r for r in self.running if len(r.tokens) - r.num_cached > 1]
+        decodes, prefills = [], []
+        for r in self.running:
+            pending = r.num_tokens - r.num_cached
+            if pending == 1:
+                decodes.append(r)
+            elif pending > 1:
+                prefills.append(r)
         for req in decodes + prefills:
-            n = min(len(req.tokens) - req.num_cached, budget)
+            n = min(req.num_tokens - req.num_cached, budget)
             if n == 0 or len(lanes) == self.sizes.max_batch_size:
                 break
             lanes.append((req, n))
@@ -168,7 +185,7 @@ class Engine:
         t1 = time.perf_counter()
         drafts = self._drafts(lanes, room)
         lane_inputs = [
-            LaneInput(req.tokens[req.num_cached:req.num_cached + n] + (drafts[i].tokens if i in drafts else []),
+            LaneInput(req.new_tokens(n) + drafts[i].tokens if i in drafts else req.new_tokens(n),
                       req.num_cached, req.slot, req.pages, accepted=req.accepted, verify=i in drafts)
             for i, (req, n) in enumerate(lanes)
         ]
@@ -184,9 +201,12 @@ class Engine:
         for (req, n), lane, start in zip(lanes, lane_inputs, starts):
             if lane.verify:
                 used += range(start, start + len(lane.tokens))
-            elif req.num_cached + n == len(req.tokens):
+            elif req.num_cached + n == req.num_tokens:
                 used.append(start)
-        argmax = dict(zip(used, logits[used].argmax(-1).tolist())) if used else {}
+        if len(used) == logits.shape[0]:  # every row (a decode step): no index to copy to the device
+            argmax = dict(enumerate(logits.argmax(-1).tolist()))
+        else:
+            argmax = dict(zip(used, logits[used].argmax(-1).tolist())) if used else {}
         t4 = time.perf_counter()
         self.timings.update(schedule=t1 - t0, draft=t2 - t1, run=t3 - t2, sync=t4 - t3)
         finished = []
@@ -203,7 +223,7 @@ class Engine:
                 new_tokens = draft.tokens[:num_accepted] + [bonus]
             else:
                 req.num_cached += n
-                if req.num_cached < len(req.tokens):
+                if req.num_cached < req.num_tokens:
                     continue  # a prefill chunk: no token to sample yet
                 last = start
                 greedy = req.params.temperature == 0
