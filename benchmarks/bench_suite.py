@@ -232,13 +232,13 @@ def profile(models: list[str], rows: list, batches=(1, 64), context: int = 512) 
         torch.cuda.empty_cache()
         # the same 2k prefill step replayed from a CUDA graph captured at 2048 tokens: if the eager
         # step is host-bound (kernel launches one by one), this is the step without the host
-        # (for SSM models also with the SSD scan's chunk-parallel launches off: the serial scan of
-        # session 6, side by side)
+        # (for SSM models also with the SSD scan's chunk-parallel launches on, 256-token chunks for
+        # lanes of >= 256 tokens, side by side with the default serial scan)
         from autodeploy.custom_ops import triton_ssd_chunks
 
         parallel_min = triton_ssd_chunks.PARALLEL_MIN_TOKENS
-        for serial in (False, True) if "hybrid" in name else (False,):
-            triton_ssd_chunks.PARALLEL_MIN_TOKENS = 2**30 if serial else parallel_min
+        for chunk_parallel in (False, True) if "hybrid" in name else (False,):
+            triton_ssd_chunks.PARALLEL_MIN_TOKENS = 256 if chunk_parallel else parallel_min
             try:
                 captured = LLM(model, max_batch_size=1, max_seq_len=2048 + 16, max_num_tokens=2048,
                                compile_mode="cudagraph", cuda_graph_sizes=[2048], attn_backend="triton",
@@ -246,7 +246,7 @@ def profile(models: list[str], rows: list, batches=(1, 64), context: int = 512) 
                 graphed = _sync_time(lambda: captured.run([prompt]), 5)
             finally:
                 triton_ssd_chunks.PARALLEL_MIN_TOKENS = parallel_min
-            row = {"model": name, "kind": "prefill, captured" + (", serial scan" if serial else ""), "tokens": 2048,
+            row = {"model": name, "kind": "prefill, captured" + (", chunk-parallel scan" if chunk_parallel else ""), "tokens": 2048,
                    "step_us": graphed * 1e6, "kernel_us": kernel_us, "kernels": count,
                    "host_and_gaps_us": graphed * 1e6 - kernel_us, "top": []}
             print(json.dumps(row), flush=True)

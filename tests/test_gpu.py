@@ -59,6 +59,7 @@ def test_long_prefill_through_the_chunk_parallel_scan_gives_torch_tokens(monkeyp
     from autodeploy.custom_ops import triton_ssd_chunks
 
     launched, real = [], triton_ssd_chunks.launch_parallel_chunks
+    monkeypatch.setattr(triton_ssd_chunks, "PARALLEL_MIN_TOKENS", 256)  # off by default
     monkeypatch.setattr(triton_ssd_chunks, "launch_parallel_chunks",
                         lambda *a, **k: (launched.append(1), real(*a, **k)))
     model = build_model("hybrid")

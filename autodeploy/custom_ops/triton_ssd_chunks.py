@@ -15,6 +15,14 @@ instead, split into chunks of ``PARALLEL_CHUNK`` tokens:
 3. outputs, one program per (chunk, head, row block): the chunk's tokens from S_c with outputs.
 
 Exact algebra (the state is linear in its start), so only float rounding differs from the scan.
+
+Off by default (``PARALLEL_MIN_TOKENS = None``; set it to a token count to turn it on): measured
+slower, not faster (session 7, H200, bench-hybrid-0.6b captured 2k prefill: 19.4 ms with it, 18.7 ms
+with the serial scan). The serial scan's 256 programs (64 heads x 4 row blocks) already keep every SM
+busy, so its cost is the tile arithmetic, not the chain of dependent tiles, and splitting the chain
+adds launch 1's work. It can only pay where a step's serial grid leaves SMs idle (few heads, one
+long lane); a faster scan needs cheaper tile math (tensor-core sized tiles), which this three-launch
+structure (chunk states, state passing, outputs) is the skeleton for.
 Chunks never straddle lanes; every program finds its chunk's lane from ``cu_seqlens`` (a cumsum
 over lanes), so the launches are the op's only work and it stays CUDA-graph safe. The scratch
 holds one float32 state per chunk: (T / PARALLEL_CHUNK + T / PARALLEL_MIN_TOKENS) x h x p x n.
@@ -30,7 +38,7 @@ from autodeploy.custom_ops.triton_ssd_scan import _head_params, _scan_chunked
 
 __all__ = ["PARALLEL_MIN_TOKENS", "PARALLEL_CHUNK", "launch_parallel_chunks"]
 
-PARALLEL_MIN_TOKENS = 256  # lanes with fewer tokens stay in the scan kernel (a few tiles each)
+PARALLEL_MIN_TOKENS: int | None = None  # off (see above); lanes with fewer tokens stay in the scan kernel
 PARALLEL_CHUNK = 256
 
 

@@ -12,8 +12,9 @@ keeps that [BLOCK_P, d_state] slice of the state in registers, in float32, from 
    lanes (decode, verify), or a chunk of BLOCK_T tokens at a time in the SSD (state space dual)
    form with ``tl.dot`` for lanes of at least ``CHUNKED_MIN_TOKENS`` tokens (prefill): inside a
    chunk y = (C B^T * decay * dt) x + (C S^T) * exp(cumsum(dt A)), and S passes to the next chunk.
-   The path is picked per lane on the device. Lanes of at least ``PARALLEL_MIN_TOKENS`` tokens
-   from a committed state (no replay, not verifying) are left to the chunk-parallel launches of
+   The path is picked per lane on the device. With ``triton_ssd_chunks.PARALLEL_MIN_TOKENS`` set
+   (off by default: measured slower, see there), lanes of at least that many tokens from a
+   committed state (no replay, not verifying) are left to the chunk-parallel launches of
    ``triton_ssd_chunks.py`` (the same tiled form, split over chunks that run side by side);
 4. write the state back: the final one for a committing lane, the replayed one for a verify lane.
 
@@ -348,7 +349,8 @@ def launch_cached_ssd_scan(x, dt, A, B, C, D, dt_bias, ssm_state, replay_x, repl
     # chunk-parallel launches (shape facts, so a captured graph stays valid)
     from autodeploy.custom_ops import triton_ssd_chunks
 
-    parallel = num_tokens >= triton_ssd_chunks.PARALLEL_MIN_TOKENS
+    parallel_min = triton_ssd_chunks.PARALLEL_MIN_TOKENS
+    parallel = parallel_min is not None and num_tokens >= parallel_min
     for chunked in (False, True) if num_tokens >= CHUNKED_MIN_TOKENS else (False,):
         _cached_ssd_scan_kernel[(lanes, h, triton.cdiv(p, block_p))](
             x0, dt0, A, B0, C0, D if D is not None else A, dt_bias if dt_bias is not None else A, y0, ssm_state,
@@ -357,7 +359,7 @@ def launch_cached_ssd_scan(x, dt, A, B, C, D, dt_bias, ssm_state, replay_x, repl
             skip.view(torch.uint8) if skip is not None else slots,
             *x_s, *dt_s, *B_s, *C_s, *y_s, *ssm_state.stride(), *rx_s, *rdt_s, *rB_s,
             capacity, float(dt_min), float(dt_max), CHUNKED_MIN_TOKENS,
-            triton_ssd_chunks.PARALLEL_MIN_TOKENS if parallel else 2**30,
+            parallel_min if parallel else 2**30,
             HEADS_PER_GROUP=h // g, HEAD_DIM=p, D_STATE=n,
             BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_T=block_t,
             HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),

@@ -117,7 +117,7 @@ def _model_steps(launches: dict) -> None:
     run([LaneInput([4, 6, 1], 62, 1, [1, 2, 3], accepted=2, verify=True)])  # replay + verify
 
 
-def _small_ops() -> None:
+def _small_ops(monkeypatch) -> None:
     """The fused small ops at bench-hybrid / bench-swa sizes, bf16 (float32 where models keep it)."""
     from autodeploy.custom_ops.triton_gated_activation import triton_gated_activation
     from autodeploy.custom_ops.triton_logit_rows import triton_logit_rows
@@ -141,9 +141,12 @@ def _small_ops() -> None:
         kshape = (1, 3, 2, 256) if token_dim == 1 else (1, 2, 3, 256)
         triton_rope(torch.randn(shape, dtype=bf16), torch.randn(kshape, dtype=bf16), positions, table, table, token_dim)
     triton_logit_rows(torch.tensor([3, 1, 0], dtype=torch.int32), torch.tensor([True, False, False]), 5)
-    # the SSD scan's chunk-parallel launches: a step with a lane of >= PARALLEL_MIN_TOKENS tokens
+    # the SSD scan's chunk-parallel launches (off by default): a step with a lane of >= 256 tokens
+    from autodeploy.custom_ops import triton_ssd_chunks
     from autodeploy.custom_ops.prepare_metadata import prepare_ssm_metadata
     from autodeploy.custom_ops.triton_ssd_scan import launch_cached_ssd_scan
+
+    monkeypatch.setattr(triton_ssd_chunks, "PARALLEL_MIN_TOKENS", 256)
 
     lens = torch.tensor([400, 112], dtype=torch.int32)
     scan_meta = prepare_ssm_metadata(torch.zeros(1, 512, dtype=torch.long), lens,
@@ -177,14 +180,14 @@ def _small_ops() -> None:
 
 
 @pytest.mark.parametrize("triton_version", ["installed", "gpu machine's"])
-def test_every_triton_kernel_compiles_for_sm90(recorded, triton_version):
+def test_every_triton_kernel_compiles_for_sm90(recorded, triton_version, monkeypatch):
     triton_path = None
     if triton_version != "installed":
         if not os.path.isdir(os.path.join(GPU_TRITON, "triton")):
             pytest.skip(f"no Triton at {GPU_TRITON}: pip install --no-deps --target .gpu-triton triton==3.6.0")
         triton_path = GPU_TRITON
     _model_steps(recorded)
-    _small_ops()
+    _small_ops(monkeypatch)
     launched = {launch["name"] for launch in recorded.values()}
     kernels = {fn.fn.__name__ for name, mod in list(sys.modules.items()) if name.startswith("autodeploy.custom_ops.triton_")
                for fn in vars(mod).values() if isinstance(fn, InterpretedFunction) and fn.fn.__name__.endswith("_kernel")}
