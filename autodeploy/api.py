@@ -48,7 +48,10 @@ class DeployConfig:
     "cudagraph" | "inductor+cudagraph" (AutoDeploy's torch-simple / torch-compile /
     torch-cudagraph / torch-opt are aliases).
     cuda_graph_sizes: token counts to capture (default: powers of two up to a full decode or
-    verify step of every lane); steps with more tokens run uncaptured.
+    verify step of every lane); steps with more tokens run uncaptured. Adding prefill sizes (e.g.
+    2048) replays prefill chunks padded to the next captured size: worth it where eager prefill is
+    host-bound (bench-swa-0.7b 2k: 24.9 -> 9.1 ms), not where the kernels dominate (bench-hybrid:
+    21.1 -> 19.7 ms, and a padded chunk pays for its padding; benchmarks/RESULTS.md).
     checked: checked mode (default: the AUTODEPLOY_CHECKED environment variable): the graph
     asserts on the device that every index handed to a kernel is inside its pool, and the engine
     checks pool accounting after every step.

@@ -64,17 +64,18 @@ def _deep_model():
     return LlamaForCausalLM(cfg).eval()
 
 
-def host_overhead(batches=(1, 8, 64), steps: int = 30) -> list[dict]:
-    """Decode steps of the hybrid zoo model: per step, the host's own work (schedule, draft, input
-    fill, plans, bookkeeping) against the whole step; the graph's CPU execution is the rest."""
+def host_overhead(cases=((1, 4), (8, 4), (64, 4), (64, 512)), steps: int = 30) -> list[dict]:
+    """Decode steps of the hybrid zoo model at (batch, prompt length): per step, the host's own
+    work (schedule, draft, input fill, plans, bookkeeping) against the whole step; the graph's CPU
+    execution is the rest. Long prompts show costs that grow with the sequence, not the batch."""
     rows = []
     model = build_model("hybrid")
-    for bs in batches:
-        llm = LLM(model, max_batch_size=bs, max_seq_len=128, max_num_tokens=max(64, bs))
+    for bs, prompt in cases:
+        llm = LLM(model, max_batch_size=bs, max_seq_len=prompt + steps + 8, max_num_tokens=max(64, bs, prompt))
         engine = llm.engine
         params = SamplingParams(max_tokens=steps + 2, ignore_eos=True)
         for i in range(bs):
-            engine.add_request([1 + i, 2, 3, 4], params)
+            engine.add_request([(i + 7 * j) % model.config.vocab_size for j in range(prompt)], params)
         while any(not r.output for r in engine.requests.values()):
             engine.step()  # prefill
         engine.timings.clear()
@@ -85,7 +86,7 @@ def host_overhead(batches=(1, 8, 64), steps: int = 30) -> list[dict]:
         total = (time.perf_counter() - t0) / steps
         e, r = engine.timings, engine.runner.timings
         host = (e["schedule"] + e["draft"] + e["post"] + r["fill"] + r["plan"]) / steps
-        row = {"batch": bs, "step_ms": 1e3 * total, "host_ms": 1e3 * host, "host_fraction": host / total,
+        row = {"batch": bs, "prompt": prompt, "step_ms": 1e3 * total, "host_ms": 1e3 * host, "host_fraction": host / total,
                "parts_ms": {k: 1e3 * v / steps for k, v in {**e, **r}.items()}}
         print(json.dumps(row), flush=True)
         rows.append(row)
