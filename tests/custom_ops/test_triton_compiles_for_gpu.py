@@ -157,7 +157,7 @@ def _small_ops(monkeypatch) -> None:
     launch_cached_ssd_scan(x, torch.randn(1, 512, 64, dtype=bf16), -torch.rand(64), BC, BC, torch.randn(64),
                            torch.randn(64), torch.zeros(3, 64, 64, 128), None, None, None,
                            torch.tensor([1, 2], dtype=torch.int32), *scan_meta, True, 0.0, float("inf"), 128)
-    # the conv's in-kernel lane search at more lane counts (its unrolled depth grows with them), with
+    # the conv's in-kernel lane search at more lane counts (its search depth grows with them), with
     # the int64 lane ends the float32 zoo models pass
     from autodeploy.custom_ops.triton_causal_conv1d import triton_cached_causal_conv1d
 
