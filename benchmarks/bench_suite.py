@@ -195,7 +195,9 @@ def profile(models: list[str], rows: list, batches=(1, 64), context: int = 512) 
     kernels = the gaps between kernels inside the graph; step - replay = host time per step. Also a
     2k-token prefill step (eager: prefill steps are not captured): kernel sum vs wall time."""
     from autodeploy.runtime.batch import LaneInput
+    from bench_decode import copy_bandwidth  # this directory is on sys.path when run as a script
 
+    bandwidth = copy_bandwidth()
     for name in models:
         model = build_model(name, dtype=torch.bfloat16, device="cuda")
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -215,7 +217,7 @@ def profile(models: list[str], rows: list, batches=(1, 64), context: int = 512) 
             row = {"model": name, "kind": "decode", "batch": bs, "context": context, "step_us": step * 1e6,
                    "replay_us": replay * 1e6, "kernel_us": kernel_us, "kernels": count,
                    "gaps_us": replay * 1e6 - kernel_us, "host_us": (step - replay) * 1e6,
-                   "weights_floor_us": weight_bytes / 3.0e12 * 1e6, "top": top}
+                   "weights_floor_us": weight_bytes / bandwidth * 1e6, "copy_TBs": bandwidth / 1e12, "top": top}
             print(json.dumps(row), flush=True)
             rows.append(row)
         prompt = LaneInput(list(range(2048)), 0, 1, list(range(1, 1 + 2048 // 16 + 1)))
@@ -246,9 +248,10 @@ def profile(models: list[str], rows: list, batches=(1, 64), context: int = 512) 
                 graphed = _sync_time(lambda: captured.run([prompt]), 5)
             finally:
                 triton_ssd_chunks.PARALLEL_MIN_TOKENS = parallel_min
+            # only the replay is timed: kernel sum and count would be the eager step's (the
+            # chunk-parallel scan launches other kernels), so they are left out
             row = {"model": name, "kind": "prefill, captured" + (", chunk-parallel scan" if chunk_parallel else ""), "tokens": 2048,
-                   "step_us": graphed * 1e6, "kernel_us": kernel_us, "kernels": count,
-                   "host_and_gaps_us": graphed * 1e6 - kernel_us, "top": []}
+                   "step_us": graphed * 1e6, "kernel_us": None, "kernels": None, "top": []}
             print(json.dumps(row), flush=True)
             rows.append(row)
             captured = None

@@ -51,12 +51,12 @@ def suite(data: dict) -> str:
     out = []
     if isinstance(data.get("profile"), list):
         rows = [[r["model"], r["kind"], r.get("batch", r.get("tokens")), r["step_us"], r.get("replay_us"),
-                 r["kernel_us"], r["kernels"], r.get("gaps_us"), r.get("host_us", r.get("host_and_gaps_us")),
+                 r.get("kernel_us"), r.get("kernels"), r.get("gaps_us"), r.get("host_us", r.get("host_and_gaps_us")),
                  r.get("weights_floor_us"), "; ".join(f"{t['kernel'][:40]} {t['us']:.0f}" for t in r["top"][:4])]
                 for r in data["profile"]]
         out.append("### Step profile (µs)\n\n" + _table(
             ["model", "step", "batch / tokens", "step", "graph replay", "kernel sum", "kernels", "gaps in graph",
-             "host", "weights / 3 TB/s", "top kernels (µs)"], rows))
+             "host", "weights / copy bandwidth", "top kernels (µs)"], rows))
     if isinstance(data.get("prefill"), list):
         rows = [[r["model"], r["prompt"], r["chunk"], {True: "graph", False: "eager"}.get(r.get("captured")),
                  r["ttft_s"], r["prefill_tok_s"], r.get("hf_forward_s"),
