@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
+from autodeploy.custom_ops.triton_lanes import lane_lengths, owning_lane
+
 __all__ = ["triton_cached_attention"]
 
 
@@ -46,14 +48,8 @@ def _paged_attention_kernel(
     # the number of lanes whose blocks all come before this one (blocks past every lane's get the
     # last lane and no rows). Every program derives it from cu_seqlens itself: no per-layer ops.
     block = tl.program_id(0)
-    lanes = tl.arange(0, BLOCK_L)
-    lane_ok = lanes < num_lanes
-    lane_lens = (tl.load(cu_seqlens_ptr + lanes + 1, mask=lane_ok, other=0)
-                 - tl.load(cu_seqlens_ptr + lanes, mask=lane_ok, other=0))
-    lane_blocks = tl.where(lane_ok, (lane_lens + BLOCK_Q - 1) // BLOCK_Q, 0)
-    blocks_end = tl.cumsum(lane_blocks, axis=0)
-    lane = tl.minimum(tl.sum(tl.where(lane_ok & (blocks_end <= block), 1, 0), axis=0), num_lanes - 1)
-    blocks_before = tl.sum(tl.where(lanes == lane, blocks_end - lane_blocks, 0), axis=0)
+    lane_blocks = (lane_lengths(cu_seqlens_ptr, num_lanes, BLOCK_L) + BLOCK_Q - 1) // BLOCK_Q
+    lane, blocks_before, _ = owning_lane(lane_blocks, block, num_lanes, BLOCK_L)
     lane_first, lane_end = tl.load(cu_seqlens_ptr + lane), tl.load(cu_seqlens_ptr + lane + 1)
     q_first = tl.minimum(lane_first + (block - blocks_before) * BLOCK_Q, lane_end)  # first token of the block
     kv_start, kv_len = tl.load(kv_start_ptr + lane), tl.load(kv_len_ptr + lane)

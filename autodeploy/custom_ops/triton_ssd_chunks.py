@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from autodeploy.custom_ops.triton_lanes import lane_lengths, lane_run, owning_lane
 from autodeploy.custom_ops.triton_ssd_scan import _head_params, _scan_chunked
 
 __all__ = ["PARALLEL_MIN_TOKENS", "PARALLEL_CHUNK", "launch_parallel_chunks"]
@@ -45,27 +46,22 @@ PARALLEL_CHUNK = 256
 @triton.jit
 def _lane_chunks(cu_seqlens_ptr, replay_lens_ptr, is_verify_ptr, num_lanes, min_tokens,
                  CHUNK: tl.constexpr, BLOCK_L: tl.constexpr):
-    """[BLOCK_L] chunk counts per lane and their running ends: lanes of at least ``min_tokens``
-    tokens with no replay and no verify own ceil(n / CHUNK) consecutive chunk ids, in lane order;
-    lane b's ids are [ends[b] - chunks[b], ends[b])."""
+    """[BLOCK_L] chunk counts per lane: lanes of at least ``min_tokens`` tokens with no replay and
+    no verify own runs of ceil(n / CHUNK) consecutive chunk ids, in lane order (triton_lanes)."""
     lanes = tl.arange(0, BLOCK_L)
     ok = lanes < num_lanes
-    n = tl.load(cu_seqlens_ptr + lanes + 1, mask=ok, other=0) - tl.load(cu_seqlens_ptr + lanes, mask=ok, other=0)
+    n = lane_lengths(cu_seqlens_ptr, num_lanes, BLOCK_L)
     served = ok & (n >= min_tokens) & (tl.load(replay_lens_ptr + lanes, mask=ok, other=1) == 0) \
         & (tl.load(is_verify_ptr + lanes, mask=ok, other=1) == 0)
-    chunks = tl.where(served, (n + CHUNK - 1) // CHUNK, 0)
-    return chunks, tl.cumsum(chunks, axis=0)
+    return tl.where(served, (n + CHUNK - 1) // CHUNK, 0)
 
 
 @triton.jit
 def _chunk_lane(cu_seqlens_ptr, replay_lens_ptr, is_verify_ptr, chunk, num_lanes, min_tokens,
                 CHUNK: tl.constexpr, BLOCK_L: tl.constexpr):
     """(lane, first token, end token) of chunk id ``chunk``; an empty range past every lane's chunks."""
-    chunks, ends = _lane_chunks(cu_seqlens_ptr, replay_lens_ptr, is_verify_ptr, num_lanes, min_tokens, CHUNK, BLOCK_L)
-    lanes = tl.arange(0, BLOCK_L)
-    lane = tl.minimum(tl.sum(tl.where((lanes < num_lanes) & (ends <= chunk), 1, 0), axis=0), num_lanes - 1)
-    before = tl.sum(tl.where(lanes == lane, ends - chunks, 0), axis=0)
-    owned = tl.sum(tl.where(lanes == lane, chunks, 0), axis=0)
+    chunks = _lane_chunks(cu_seqlens_ptr, replay_lens_ptr, is_verify_ptr, num_lanes, min_tokens, CHUNK, BLOCK_L)
+    lane, before, owned = owning_lane(chunks, chunk, num_lanes, BLOCK_L)
     lane_end = tl.load(cu_seqlens_ptr + lane + 1)
     first = tl.load(cu_seqlens_ptr + lane) + (chunk - before) * CHUNK
     first = tl.where(chunk - before < owned, first, lane_end)  # not one of the lane's chunks: empty
@@ -127,10 +123,8 @@ def _pass_states_kernel(
     """Launch 2: the state entering each of the lane's chunks, in order; the last to the slot."""
     lane = tl.program_id(0)
     head = tl.program_id(1)
-    chunks, ends = _lane_chunks(cu_seqlens_ptr, replay_lens_ptr, is_verify_ptr, num_lanes, min_tokens, CHUNK, BLOCK_L)
-    mine = tl.arange(0, BLOCK_L) == lane
-    first_chunk = tl.sum(tl.where(mine, ends - chunks, 0), axis=0)
-    num_chunks = tl.sum(tl.where(mine, chunks, 0), axis=0)
+    chunks = _lane_chunks(cu_seqlens_ptr, replay_lens_ptr, is_verify_ptr, num_lanes, min_tokens, CHUNK, BLOCK_L)
+    first_chunk, num_chunks = lane_run(chunks, tl.cumsum(chunks, axis=0), lane, BLOCK_L)
     if num_chunks == 0:
         return
     offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
