@@ -34,6 +34,36 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 10 / (time.perf_counter() - t0)
 
 
+def step_bytes(llm: LLM, weight_bytes: int, batch: int, context: float) -> float:
+    """Bytes one decode step of ``batch`` lanes at ``context`` cached tokens must move: the weights
+    once, every KV cache's keys/values the lanes attend to (a sliding-window layer's window, a full
+    layer's whole context), and the SSM/conv states read and written."""
+    total = weight_bytes
+    for spec in llm.gm.meta.get("autodeploy_caches", []):
+        per = spec.bytes_per_unit(1)  # a kv spec's bytes per token; a state spec's bytes per slot
+        if spec.kind == "kv":
+            total += per * batch * (min(context, spec.window) if spec.window else context)
+        elif spec.pool in ("ssm", "conv"):
+            total += 2 * per * batch
+    return total
+
+
+def kernels_per_decode_step(llm: LLM, batch: int) -> int:
+    """GPU kernels one eager run of the cached graph launches for a decode step of ``batch`` lanes
+    (the captured graph replays the same kernels)."""
+    from autodeploy.runtime.batch import LaneInput
+
+    runner = llm.engine.runner
+    pages = -(-513 // 16)
+    lanes = [LaneInput([7], 512, 1 + i, list(range(1 + i * pages, 1 + (i + 1) * pages))) for i in range(batch)]
+    args = runner._args(runner.inputs.fill(lanes))
+    runner._plan(captured=False)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        runner.fn(*args)
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def ours(llm: LLM, prompts: list[list[int]], new: int) -> dict:
     engine = llm.engine
     params = SamplingParams(max_tokens=new, ignore_eos=True)
@@ -75,8 +105,9 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--hf", action="store_true", help="also time transformers generate()")
     ap.add_argument("--compile", nargs="+", default=["cudagraph"], help="compile modes to time side by side")
-    ap.add_argument("--configs", nargs="+", metavar="MODE:ATTN[:SSM]",
-                    help="explicit (compile mode, attention backend[, SSM backend]) instead of --compile x --attn")
+    ap.add_argument("--configs", nargs="+", metavar="MODE:ATTN[:SSM[:FLAG...]]",
+                    help="explicit (compile mode, attention backend[, SSM backend]) instead of --compile x --attn; "
+                         "flags: 'sync' (async scheduling off), 'no-<transform>' (a perf transform off)")
     ap.add_argument("--attn", nargs="+", default=["auto"], help="attention backends to time side by side")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--append", action="store_true", help="add the rows to an existing decode.json")
@@ -92,33 +123,32 @@ def main() -> None:
         with open(path) as f:
             results["rows"] = json.load(f)["rows"]
     g = torch.Generator().manual_seed(0)
-    configs = ([(c.split(":") + ["triton"])[:3] for c in args.configs] if args.configs
-               else [(mode, attn, "triton") for mode in args.compile for attn in args.attn])
-    for bs, mode, attn, ssm in [(bs, *c) for bs in args.batch for c in configs]:
+    configs = ([tuple((c.split(":") + ["auto"])[:3]) + (tuple(c.split(":")[3:]),) for c in args.configs]
+               if args.configs else [(mode, attn, "auto", ()) for mode in args.compile for attn in args.attn])
+    for bs, mode, attn, ssm, flags in [(bs, *c) for bs in args.batch for c in configs]:
+        perf = {f[3:]: False for f in flags if f.startswith("no-")}
         prompts = torch.randint(0, model.config.vocab_size, (bs, args.prompt), generator=g).tolist()
         t0 = time.perf_counter()
         llm = LLM(model, dtype="bfloat16", device="cuda", max_batch_size=bs, page_size=16,
                   max_seq_len=args.prompt + args.new, max_num_tokens=max(2048, bs), compile_mode=mode, attn_backend=attn,
-                  ssm_backend=ssm)
+                  ssm_backend=ssm, perf_transforms=perf or None)
+        llm.engine.async_scheduling = "sync" not in flags
         build = time.perf_counter() - t0
         # warm-up at the timed prompt length (another prompt): Triton compiles and allocator growth
         # for these shapes happen here, not in the timed TTFT (a 32-token warm-up left them there)
         ours(llm, [p[::-1] for p in prompts], 8)
         backends = llm.gm.meta["autodeploy_backends"]
-        row = {"batch": bs, "compile": mode, "attn": backends["attention"], "ssm": backends.get("ssm", ssm),
+        row = {"model": args.model, "batch": bs, "compile": mode, "attn": backends["attention"], "ssm": backends.get("ssm", ssm),
+               "flags": list(flags), "kernels_per_step": kernels_per_decode_step(llm, bs),
                "build_s": build, "capture_s": llm.engine.runner.capture_seconds,
                "capture_sizes": sorted(llm.engine.runner.graphs), "capture_MiB": llm.engine.runner.capture_bytes / 2**20,
                **ours(llm, prompts, args.new)}
-        state_bytes = sum(llm.cache_bytes()[p] for p in ("ssm", "conv")) * bs / (bs + 1)
-        kv_bytes = sum(b for p, b in llm.cache_bytes().items() if p.startswith("kv"))
-        kv_per_token = kv_bytes / ((llm.engine.sizes.num_full_pages + 1) * 16)
-        step_bytes = weight_bytes + state_bytes * 2 + kv_per_token * bs * (args.prompt + args.new / 2)
-        row["floor_tok_s"] = bs * bw / step_bytes
+        row["floor_tok_s"] = bs * bw / step_bytes(llm, weight_bytes, bs, args.prompt + args.new / 2)
         row["fraction_of_floor"] = row["decode_tok_s"] / row["floor_tok_s"]
         timings = llm.engine.timings
         row["host_ms_per_step"] = {k: 1e3 * v / max(llm.engine.num_steps, 1) for k, v in
                                    {**timings, **llm.engine.runner.timings}.items()}
-        if args.hf and [mode, attn, ssm] == list(configs[0]):
+        if args.hf and (mode, attn, ssm, flags) == configs[0]:
             row["hf_tok_s"] = hf(model, prompts, min(args.new, 64))
             row["speedup_vs_hf"] = row["decode_tok_s"] / row["hf_tok_s"]
         print(json.dumps(row), flush=True)

@@ -9,7 +9,7 @@ the null slot.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,6 +25,23 @@ class LaneInput:
     pages: list[int]  # full-attention pages of the sequence (may cover more than needed)
     accepted: int = 0  # tokens of the previous verify step that were accepted (replayed first)
     verify: bool = False  # tokens are [last token, drafts...]: SSM state kept, inputs stored for replay
+
+
+@dataclass
+class DeviceTokens:
+    """Input tokens that live on the device: step token ``offsets`` take the tokens that the
+    previous step chose, at ``rows`` of its chosen-token tensor (async scheduling)."""
+
+    offsets: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+
+    def add(self, offset: int, row: int) -> None:
+        self.offsets.append(offset)
+        self.rows.append(row)
+
+    def source(self, launched) -> "tuple[torch.Tensor, list[int], list[int]] | None":
+        """(chosen tokens of the step in flight, their rows, step offsets), or None if none."""
+        return (launched.tokens, self.rows, self.offsets) if self.offsets else None
 
 
 def logit_row_count(lane: LaneInput) -> int:

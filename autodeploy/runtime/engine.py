@@ -9,6 +9,16 @@ request never runs out of pages; requests that do not fit yet wait.
 With a drafter, a decode lane becomes a verify lane: the last token plus up to K drafts (never
 past max_tokens, within the step's token budget); ``accept`` decides how many are committed, and
 the accepted count is handed to the next step's graph, which replays it onto the SSM state.
+
+Async scheduling (without a drafter): the next token of every lane is chosen on the device
+(``sampling.sample_rows``) and fed to the next step's input ids by a device copy, so the host
+never waits for the device between steps: ``step()`` launches step N, then reads back step N-1's
+tokens (long since computed) while the device runs step N. The host therefore learns tokens one
+step late: ``max_tokens`` is exact (it counts tokens, not their values), a stop token is found one
+step after it was sampled, and the lane that step already launched for the request is discarded.
+Nothing a finished request's lane writes can reach another request: its slot and pages are
+reused only by steps that run after it on the same stream. With a drafter, steps are synchronous
+(the drafter reads the latest tokens).
 """
 
 from __future__ import annotations
@@ -23,10 +33,10 @@ from typing import Iterable
 import torch
 from torch.fx import GraphModule
 
-from autodeploy.runtime.batch import LaneInput, logit_row_count
+from autodeploy.runtime.batch import DeviceTokens, LaneInput, logit_row_count
 from autodeploy.runtime.pools import PoolSizes
 from autodeploy.runtime.runner import GraphRunner
-from autodeploy.runtime.sampling import SamplingParams, sample
+from autodeploy.runtime.sampling import SamplingParams, sample_rows
 from autodeploy.runtime.speculative import Draft, Drafter, SpecDecodingStats, accept
 
 logger = logging.getLogger("autodeploy.engine")
@@ -42,21 +52,30 @@ class Request:
     slot: int = 0
     pages: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # draws of the speculative acceptance rule
+    seed: int = 0  # keys the device sampler's random numbers (with the token's index)
     accepted: int = 0  # tokens of the last verify step that were committed: the next step replays them
+    pending: int = 0  # tokens chosen on the device by the step in flight, not yet in ``output``
+    pending_row: int = 0  # where that step's chosen tokens hold it
     spec: SpecDecodingStats = field(default_factory=SpecDecodingStats)
 
     @property
     def tokens(self) -> list[int]:
+        """The tokens the host knows: prompt and output (not a token still on the device)."""
         return self.prompt + self.output
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt) + len(self.output)
+        """Tokens of the sequence, a pending one included."""
+        return len(self.prompt) + len(self.output) + self.pending
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.output) + self.pending
 
     def new_tokens(self, n: int) -> list[int]:
         """The ``n`` tokens after the cached ones, without building the whole sequence (the decode
-        loop asks for one token of every lane every step)."""
+        loop asks for one token of every lane every step). A pending token is not known here."""
         start, split = self.num_cached, len(self.prompt)
         if start >= split:
             return self.output[start - split:start - split + n]
@@ -67,25 +86,46 @@ class Request:
         return self.finish_reason is not None
 
 
+@dataclass
+class _Launched:
+    """A step whose chosen tokens are still on their way to the host."""
+
+    sampled: list[tuple[Request, int]]  # (request, row of ``tokens``) for every lane that chose a token
+    tokens: torch.Tensor  # [rows] int64 on the device: the chosen tokens (next step's inputs)
+    host: torch.Tensor  # [rows] pinned (or plain, on the CPU) host copy, valid once ``ready`` is reached
+    ready: torch.cuda.Event | None
+
+
 class Engine:
     """Runs a cached GraphModule. ``add_request`` validates; ``step`` advances every request."""
 
     def __init__(self, gm: GraphModule | GraphRunner, sizes: PoolSizes, vocab_size: int,
-                 eos_token_ids: Iterable[int] = (), device: torch.device | str = "cpu", drafter: Drafter | None = None):
-        """``gm``: the cached graph (run eagerly) or a GraphRunner built with a compile mode."""
+                 eos_token_ids: Iterable[int] = (), device: torch.device | str = "cpu", drafter: Drafter | None = None,
+                 async_scheduling: bool = True):
+        """``gm``: the cached graph (run eagerly) or a GraphRunner built with a compile mode.
+        ``async_scheduling``: feed each step's chosen tokens to the next step on the device and read
+        them back one step late (see the module docstring); off: every step waits for its tokens."""
         self.runner = gm if isinstance(gm, GraphRunner) else GraphRunner(gm, sizes, device)
         self.gm, self.sizes, self.vocab_size = self.runner.gm, sizes, vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
         self.pools = self.runner.pools
         self.checked = False  # checked mode: verify pool accounting after every step
         self.drafter = drafter
+        self.async_scheduling = async_scheduling
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
+        self._inflight: _Launched | None = None
+        pin = torch.device(device).type == "cuda"
+        rows = sizes.max_batch_size * (1 + (drafter.max_draft_tokens if drafter else 0)) + 1
+        # two host buffers for the chosen tokens, alternating: step N's copy may land while the host
+        # still reads step N-1's
+        self._host_tokens = [torch.zeros(max(rows, sizes.max_batch_size + 1), dtype=torch.long, pin_memory=pin)
+                             for _ in range(2)]
         self.num_steps = 0
         # seconds spent per part of step(): schedule, draft, run (runner: input prep, plans and the
-        # graph launch), sync (waiting for the device: the argmax read back), post (accept, stop checks)
+        # graph launch), sync (waiting for the chosen tokens), post (accept, stop checks)
         self.timings: Counter = Counter()
 
     # -- requests --------------------------------------------------------------------------------
@@ -106,6 +146,9 @@ class Engine:
         req = Request(next(self._ids), list(prompt), params)
         if params.seed is not None:
             req.generator = torch.Generator().manual_seed(params.seed)
+            req.seed = params.seed
+        elif params.temperature > 0:
+            req.seed = int(torch.randint(2**62, ()).item())  # from torch's global RNG: torch.manual_seed rules
         self.requests[req.request_id] = req
         self.waiting.append(req)
         return req.request_id
@@ -119,16 +162,20 @@ class Engine:
         self._finish(req, "abort")
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Requests waiting or running, or a step whose tokens the host has not read yet."""
+        return bool(self.waiting or self.running or self._inflight)
 
     def _pages_for(self, tokens: int) -> int:
         return -(-tokens // self.sizes.page_size) if self.pools.pages.capacity else 0
 
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
+        req.pending = 0
         if self.drafter is not None:
             self.drafter.release(req)
         if req in self.running:
+            # a step in flight may still write this slot and these pages: any later owner's steps
+            # run after it on the same stream
             self.running.remove(req)
             self.pools.slots.free([req.slot])
             self.pools.pages.free(req.pages)
@@ -140,6 +187,8 @@ class Engine:
         budget, lanes, room = self.sizes.max_num_tokens, [], {}
         decodes, prefills = [], []
         for r in self.running:
+            if r.num_generated >= r.params.max_tokens:
+                continue  # its last token is on its way to the host
             pending = r.num_tokens - r.num_cached
             if pending == 1:
                 decodes.append(r)
@@ -174,60 +223,117 @@ class Engine:
     # -- one step --------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> list[Request]:
-        """Run one step; returns the requests that finished in it."""
+        """Run one step; returns the requests whose end the host learned in it."""
         t0 = time.perf_counter()
+        overlap = self.async_scheduling and self.drafter is None
+        finished = [] if overlap else self._read_back()  # a synchronous step schedules from every token
         lanes, room = self._schedule()
         if not lanes:
-            if self.waiting:  # admission checks make this impossible; never spin silently
+            in_flight = self._inflight is not None
+            finished += self._read_back()
+            if self.waiting and not in_flight:  # admission checks make this impossible; never spin silently
                 raise RuntimeError(f"scheduler stalled: {len(self.waiting)} waiting, {self.pools.pages.num_free} "
                                    f"free pages, {self.pools.slots.num_free} free slots")
-            return []
+            return finished
         t1 = time.perf_counter()
         drafts = self._drafts(lanes, room)
-        lane_inputs = [
-            LaneInput(req.new_tokens(n) + drafts[i].tokens if i in drafts else req.new_tokens(n),
-                      req.num_cached, req.slot, req.pages, accepted=req.accepted, verify=i in drafts)
-            for i, (req, n) in enumerate(lanes)
-        ]
+        lane_inputs, device_tokens, offset = [], DeviceTokens(), 0
+        for i, (req, n) in enumerate(lanes):
+            tokens = req.new_tokens(n) if not req.pending else [0]  # a pending token comes from the device
+            if req.pending:
+                device_tokens.add(offset, req.pending_row)
+            tokens = tokens + drafts[i].tokens if i in drafts else tokens
+            lane_inputs.append(LaneInput(tokens, req.num_cached, req.slot, req.pages, accepted=req.accepted,
+                                         verify=i in drafts))
+            offset += len(tokens)
         t2 = time.perf_counter()
-        logits = self.runner.run(lane_inputs)
+        logits = self.runner.run(lane_inputs, device_tokens.source(self._inflight))
         t3 = time.perf_counter()
         self.num_steps += 1
-        # logits hold logit_rows(lane_inputs): all rows of a verify lane, the last row of any other;
-        # the argmax of those that are used, in one device sync
-        starts, used = [0], []
+        # logits hold logit_rows(lane_inputs): all rows of a verify lane, the last row of any other
+        starts = [0]
         for lane in lane_inputs[:-1]:
             starts.append(starts[-1] + logit_row_count(lane))
-        for (req, n), lane, start in zip(lanes, lane_inputs, starts):
-            if lane.verify:
-                used += range(start, start + len(lane.tokens))
-            elif req.num_cached + n == req.num_tokens:
-                used.append(start)
-        if len(used) == logits.shape[0]:  # every row (a decode step): no index to copy to the device
-            argmax = dict(enumerate(logits.argmax(-1).tolist()))
+        launched = self._choose(lanes, lane_inputs, starts, logits, drafts)
+        if overlap:
+            finished += self._read_back()  # the previous step's tokens, while the device runs this one
+            self._inflight = launched
         else:
-            argmax = dict(zip(used, logits[used].argmax(-1).tolist())) if used else {}
+            self._inflight = launched
+            finished += self._read_back(verify=(lanes, starts, logits, drafts))
         t4 = time.perf_counter()
-        self.timings.update(schedule=t1 - t0, draft=t2 - t1, run=t3 - t2, sync=t4 - t3)
-        finished = []
+        self.timings.update(schedule=t1 - t0, draft=t2 - t1, run=t3 - t2)
+        if self.checked:
+            self.check_accounting()
+        self.timings["post"] += time.perf_counter() - t4
+        return finished
+
+    def _choose(self, lanes, lane_inputs, starts, logits, drafts) -> _Launched | None:
+        """Advance the cached counts of this step's lanes and choose, on the device, the next token
+        of every non-verify lane whose sequence is now fully cached; start copying them to the host."""
+        sampled, rows, params, counters = [], [], [], []
         for i, ((req, n), start) in enumerate(zip(lanes, starts)):
             req.accepted = 0
             if i in drafts:
+                continue  # verify lanes are decided on the host (speculative acceptance rule)
+            req.num_cached += n
+            if req.num_cached < req.num_tokens:
+                continue  # a prefill chunk: no token to choose yet
+            req.pending_row = len(rows)
+            sampled.append((req, len(rows)))
+            rows.append(start)
+            params.append(req.params)
+            counters.append(req.num_generated)
+            req.pending += 1
+        if not rows:
+            return None
+        if len(rows) == logits.shape[0]:  # every row (a decode step): no index to copy
+            chosen_from = logits
+        else:
+            chosen_from = logits[self.runner.to_device(rows)]
+        tokens = sample_rows(chosen_from, params, [r.seed for r, _ in sampled], counters, self.runner.to_device)
+        host = self._host_tokens[self.num_steps % 2][:len(rows)]
+        host.copy_(tokens, non_blocking=host.is_pinned())
+        ready = None
+        if host.is_pinned():
+            ready = torch.cuda.Event()
+            ready.record()
+        return _Launched(sampled, tokens, host, ready)
+
+    def _read_back(self, verify=None) -> list[Request]:
+        """Commit the tokens of the step in flight (and decide its verify lanes, for a synchronous
+        step); returns the requests that finished."""
+        launched, self._inflight = self._inflight, None
+        finished, commits = [], []
+        sampled, chosen = [], []
+        if launched is not None:
+            t0 = time.perf_counter()
+            if launched.ready is not None:
+                launched.ready.synchronize()
+            sampled, chosen = launched.sampled, launched.host.tolist()
+            self.timings["sync"] += time.perf_counter() - t0
+        for req, row in sampled:
+            if req.finished:
+                continue  # stopped or aborted while this step was in flight: its token is dropped
+            req.pending -= 1
+            commits.append((req, [chosen[row]]))
+        if verify is not None:
+            lanes, starts, logits, drafts = verify
+            rows = [r for i, start in enumerate(starts) if i in drafts
+                    for r in range(start, start + 1 + len(drafts[i].tokens))]
+            argmax = dict(zip(rows, logits[self.runner.to_device(rows)].argmax(-1).tolist())) if rows else {}
+            for i, ((req, _), start) in enumerate(zip(lanes, starts)):
+                if i not in drafts:
+                    continue
                 draft = drafts[i]
-                rows = range(start, start + 1 + len(draft.tokens))
-                num_accepted, bonus = accept(logits[start:rows.stop], draft, req.params, req.generator,
-                                             [argmax[r] for r in rows])
+                span = range(start, start + 1 + len(draft.tokens))
+                num_accepted, bonus = accept(logits[start:span.stop], draft, req.params, req.generator,
+                                             [argmax[r] for r in span])
                 req.num_cached += 1 + num_accepted
                 req.accepted = 1 + num_accepted
                 req.spec.add(SpecDecodingStats(1, len(draft.tokens), num_accepted))
-                new_tokens = draft.tokens[:num_accepted] + [bonus]
-            else:
-                req.num_cached += n
-                if req.num_cached < req.num_tokens:
-                    continue  # a prefill chunk: no token to sample yet
-                last = start
-                greedy = req.params.temperature == 0
-                new_tokens = [argmax[last] if greedy else sample(logits[last], req.params, req.generator)]
+                commits.append((req, draft.tokens[:num_accepted] + [bonus]))
+        for req, new_tokens in commits:
             for token in new_tokens:
                 req.output.append(token)
                 reason = self._stop_reason(req, token)
@@ -235,9 +341,6 @@ class Engine:
                     self._finish(req, reason)
                     finished.append(req)
                     break
-        if self.checked:
-            self.check_accounting()
-        self.timings["post"] += time.perf_counter() - t4
         return finished
 
     def check_accounting(self) -> None:

@@ -70,6 +70,12 @@ class GraphRunner:
         self.timings: dict[str, float] = {"fill": 0.0, "plan": 0.0, "launch": 0.0}  # host seconds per part of run()
         self.gathers_rows = bool(gm.meta.get("autodeploy_logit_rows"))  # the graph returns only those rows
         self.host_halves = host_halves(gm, sizes, device)
+        self.device = torch.device(device)
+        # small index lists go to the device through pinned staging without a host sync
+        self._index_host = torch.zeros(4 * (sizes.max_batch_size + 1) + sizes.max_num_tokens, dtype=torch.long,
+                                       pin_memory=self.device.type == "cuda")
+        self._index_used = 0
+        self._index_free = torch.cuda.Event() if self.device.type == "cuda" else None
         self.num_runs = self.num_replays = 0
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile mode {compile_mode!r} unknown; known: {sorted(COMPILE_MODES)}")
@@ -124,15 +130,47 @@ class GraphRunner:
         self.capture_bytes = torch.cuda.memory_reserved() - reserved  # the graphs' private pool, mostly
         self._pool = pool
 
+    def to_device(self, values: list[int]) -> torch.Tensor:
+        """``values`` as an int64 tensor on the device, copied from pinned staging without waiting
+        for the device (the staging is a ring; it waits only when it wraps around)."""
+        if self.device.type != "cuda":
+            return torch.tensor(values, dtype=torch.long)
+        n = len(values)
+        if n > self._index_host.numel():
+            raise ValueError(f"{n} indices exceed the staging buffer ({self._index_host.numel()})")
+        if self._index_used + n > self._index_host.numel():
+            self._index_free.synchronize()  # the copies out of the ring's start are done
+            self._index_used = 0
+        chunk = self._index_host[self._index_used:self._index_used + n]
+        self._index_used += n
+        chunk.copy_(torch.tensor(values, dtype=torch.long))
+        out = chunk.to(self.device, non_blocking=True)
+        self._index_free.record()
+        return out
+
+    def _write_device_tokens(self, source) -> None:
+        """Input ids that the previous step chose on the device: a device copy, no host round trip."""
+        tokens, rows, offsets = source
+        ids = self.inputs.input_ids[0]
+        n = len(rows)
+        if rows == list(range(rows[0], rows[0] + n)) and offsets == list(range(offsets[0], offsets[0] + n)):
+            ids[offsets[0]:offsets[0] + n].copy_(tokens[rows[0]:rows[0] + n])  # the steady decode state
+        else:
+            ids.index_copy_(0, self.to_device(offsets), tokens.index_select(0, self.to_device(rows)))
+
     @torch.no_grad()
-    def run(self, lanes: list[LaneInput]) -> torch.Tensor:
-        """Run one step over ``lanes``; returns logits [rows, vocab] of ``logit_rows(lanes)``."""
+    def run(self, lanes: list[LaneInput], device_tokens=None) -> torch.Tensor:
+        """Run one step over ``lanes``; returns logits [rows, vocab] of ``logit_rows(lanes)``.
+        ``device_tokens``: (tokens on the device, their rows, step offsets) to write into the input
+        ids after the host's (``DeviceTokens.source``)."""
         tokens = sum(len(lane.tokens) for lane in lanes)
         rows = logit_rows(lanes)
         self.num_runs += 1
         size = min((s for s in self.graphs if s >= tokens), default=None)
         t0 = time.perf_counter()
         args = self._args(self.inputs.fill(lanes, pad_to=size))  # a captured graph reads these very buffers
+        if device_tokens is not None:
+            self._write_device_tokens(device_tokens)
         t1 = time.perf_counter()
         self._plan(captured=size is not None)
         self.inputs.copies_done()  # after the plans: their async host-to-device copies are covered too
@@ -158,7 +196,7 @@ class GraphRunner:
                                  "a verify lane carries more drafts than gather_logits' max_draft_tokens")
             logits = out[0, :len(rows)]
         else:
-            logits = out[0, torch.tensor(rows, device=out.device)]
+            logits = out[0, self.to_device(rows)]
         return logits.clone() if size is not None else logits
 
     def run_in_batches(self, lanes: list[LaneInput]) -> list[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Sampling parameters (vLLM's names) and the per-token sampler."""
+"""Sampling parameters (vLLM's names) and the device-side sampler of the engine's steps."""
 
 from __future__ import annotations
 
@@ -51,8 +51,63 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
-    """logits: [vocab] -> one token id."""
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
-    return draw(target_probs(logits, params), generator)
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash of int64 ``x`` (values in [0, 2**32)); multipliers below 2**31 keep
+    every product inside int64."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[rows, vocab] float32 uniforms in (0, 1), a pure function of (seed, counter, vocab index): a
+    request's draws do not depend on which other requests share its steps, nor on the device."""
+    key = _mix32(seeds & _M32) ^ _mix32(((seeds >> 32) & _M32) ^ 0x9E3779B9)
+    key = _mix32(key ^ _mix32(counters & _M32))
+    ids = torch.arange(vocab, device=seeds.device, dtype=torch.long)
+    bits = _mix32(key[:, None] ^ _mix32(ids ^ 0x85EBCA6B)[None, :]) >> 8  # 24 bits
+    return (bits.float() + 0.5) * (1.0 / (1 << 24))
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], counters: list[int],
+                to_device=None) -> torch.Tensor:
+    """The next token of each row of ``logits`` [rows, vocab], on the logits' device: the argmax for
+    greedy rows; for sampled rows a Gumbel-max draw from ``target_probs`` (temperature, top-k,
+    top-p), keyed by the row's request seed and the token's index (``counters``) so it is
+    reproducible and independent of batching. ``to_device``: moves a host list of ints to the
+    device without a sync (``GraphRunner.to_device``)."""
+    greedy = logits.argmax(-1)
+    if all(p.temperature == 0 for p in params):
+        return greedy
+    dev = to_device or (lambda v: torch.tensor(v, dtype=torch.long, device=logits.device))
+    vocab = logits.shape[-1]
+    # per-row parameters in one int64 transfer: temperature and top_p as float32 bit patterns
+    floats = torch.tensor([[p.temperature or 1.0 for p in params], [p.top_p for p in params]], dtype=torch.float32)
+    packed = dev([*floats.view(torch.int32).flatten().tolist(), *[p.top_k or vocab for p in params], *seeds, *counters])
+    n = len(params)
+    temperature, top_p = packed[:2 * n].to(torch.int32).view(torch.float32).view(2, n)
+    top_k, seed, counter = packed[2 * n:].view(3, n)
+    scaled = logits.float() / temperature[:, None]
+    if any(p.top_k or p.top_p < 1.0 for p in params if p.temperature > 0):
+        values, order = scaled.sort(-1, descending=True)
+        keep = torch.arange(vocab, device=logits.device)[None, :] < top_k[:, None]
+        probs = torch.softmax(values.masked_fill(~keep, float("-inf")), -1)
+        keep &= torch.cumsum(probs, -1) - probs < top_p[:, None]  # target_probs' nucleus rule
+        values = values.masked_fill(~keep, float("-inf"))
+    else:
+        values, order = scaled, None
+    noise = uniform_noise(seed, counter, vocab)
+    gumbel = -torch.log(-torch.log(noise))
+    if order is not None:
+        gumbel = gumbel.gather(-1, order)
+    pick = (values + gumbel).argmax(-1)
+    sampled = order.gather(-1, pick[:, None])[:, 0] if order is not None else pick
+    is_greedy = torch.tensor([p.temperature == 0 for p in params])
+    if is_greedy.any():
+        return torch.where(dev(is_greedy.long().tolist()).bool(), greedy, sampled)
+    return sampled

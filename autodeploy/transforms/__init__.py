@@ -11,6 +11,7 @@ from autodeploy.transforms.insert_cached_ssm import InsertCachedSSM
 from autodeploy.transforms.insert_index_checks import InsertIndexChecks
 from autodeploy.transforms.match_attention import MatchAttention
 from autodeploy.transforms.match_gated_activation import MatchGatedActivation
+from autodeploy.transforms.match_linear import MatchLinear
 from autodeploy.transforms.match_rms_norm import MatchRMSNorm
 from autodeploy.transforms.match_rope import MatchRope
 from autodeploy.transforms.pipeline import DEFAULT_PIPELINE, run_pipeline
@@ -28,6 +29,7 @@ TRANSFORMS: dict[str, type[Transform]] = {
     MatchGatedActivation.name: MatchGatedActivation,
     GatherLogits.name: GatherLogits,
     FoldConstants.name: FoldConstants,
+    MatchLinear.name: MatchLinear,
 }
 
 __all__ = [

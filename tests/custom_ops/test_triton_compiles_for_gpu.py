@@ -168,6 +168,11 @@ def _small_ops(monkeypatch) -> None:
                                     torch.arange(1, lanes + 1, dtype=torch.int32), torch.arange(lanes + 1, dtype=ends),
                                     torch.ones(lanes, dtype=torch.bool), torch.zeros(lanes, dtype=torch.int32),
                                     torch.zeros(lanes, dtype=torch.bool))
+    # autodeploy::linear's one-row kernel at bench-hybrid shapes (and a ragged K)
+    from autodeploy.custom_ops.triton_gemv import triton_gemv
+
+    for n, k in ((10304, 2048), (2048, 4096), (32000, 2048), (3000, 100)):
+        triton_gemv(torch.randn(1, k, dtype=bf16), torch.randn(n, k, dtype=bf16), torch.randn(n, dtype=bf16))
     # the flashinfer SSM backend's lane split (its decode kernel is flashinfer's, not compiled here)
     from autodeploy.custom_ops.flashinfer_ssd_scan import decode_lane_inputs
 
