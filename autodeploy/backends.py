@@ -2,8 +2,9 @@
 
 Backends are chosen per op family (``attention``, ``ssd_scan``, ``causal_conv1d``). ``"auto"``
 picks the fastest one, as measured, that can run on the device and dtype: on a GPU, Triton
-attention (flashinfer's is slower per decode step once its host ``plan()`` is counted) and
-flashinfer's SSM decode kernel (float16/bfloat16 models only) > triton > torch; torch on the CPU
+for both families (flashinfer's attention is slower per decode step once its host ``plan()`` is
+counted; its SSM decode kernel measured even with the Triton scan), then flashinfer, then torch;
+torch on the CPU
 (the torch backend is the oracle and runs everywhere; Triton runs on the CPU only when asked for,
 under ``TRITON_INTERPRET=1``, for tests). A backend module is imported only when chosen, so a CPU
 user never imports Triton. Requesting a backend that cannot run is an error that says why.
@@ -37,11 +38,13 @@ CACHED_OPS: dict[str, dict[str, tuple[str, str]]] = {
     },
 }
 PREFERENCE = ("flashinfer", "triton", "torch")
-# what "auto" tries first, per family, by measurement (benchmarks/RESULTS.md, session 6, H100, bf16
-# bench-hybrid-0.6b under CUDA graphs): Triton attention decodes 1.4-1.9x faster than flashinfer's,
-# whose host plan() costs more per step (0.6-1.4 ms) than the attention itself; flashinfer's
-# selective_state_update beats the Triton scan by 8-11 % on whole decode steps
-AUTO_ORDER = {"attention": ("triton", "flashinfer", "torch"), "ssd_scan": PREFERENCE, "causal_conv1d": PREFERENCE}
+# what "auto" tries first, per family, by measurement (benchmarks/RESULTS.md; H200, bf16
+# bench-hybrid-0.6b under CUDA graphs with async scheduling): Triton attention decodes 1.4-1.9x
+# faster than flashinfer's, whose host plan() costs more per step (0.6-1.4 ms) than the attention
+# itself; flashinfer's selective_state_update and the Triton scan give the same decode rate at
+# batch 1 and 64 (1,252 vs 1,251 and 40,264 vs 40,078 tok/s), and only the Triton path fuses the
+# Mamba2 decode, so Triton comes first for every family
+AUTO_ORDER = {family: ("triton", "flashinfer", "torch") for family in ("attention", "ssd_scan", "causal_conv1d")}
 # (family, backend) pairs "auto" does not pick yet: written and CPU-tested, not yet run on a GPU
 NOT_YET_AUTO: set[tuple[str, str]] = set()
 

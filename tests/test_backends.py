@@ -34,6 +34,8 @@ def test_auto_skips_flashinfer_for_float32_models(monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flashinfer" else real_find_spec(name))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert backends.resolve("ssd_scan", "flashinfer", "cuda", "bfloat16") == "flashinfer"
+    monkeypatch.setitem(backends.AUTO_ORDER, "ssd_scan", ("flashinfer", "triton", "torch"))  # were it measured first
     assert backends.resolve("ssd_scan", "auto", "cuda", "bfloat16") == "flashinfer"
     assert backends.resolve("ssd_scan", "auto", "cuda", "float32") == "triton"
     with pytest.raises(ValueError, match="flashinfer's kernels take float16 or bfloat16 \\(dtype is 'float32'\\)"):
@@ -43,18 +45,19 @@ def test_auto_skips_flashinfer_for_float32_models(monkeypatch):
 
 
 def test_auto_follows_the_measured_order_per_family(monkeypatch):
-    """On a GPU with flashinfer, for a bf16 model: Triton attention (flashinfer's decode steps were
-    1.4-1.9x slower on an H100, host plan() included) and flashinfer's SSM decode kernel (the
-    fastest SSM configuration); flashinfer attention still on request."""
+    """On a GPU with flashinfer, for a bf16 model: Triton for both families (flashinfer's attention
+    decode steps were 1.4-1.9x slower, host plan() included; its SSM decode kernel measured even
+    with the Triton scan, which alone fuses the Mamba2 decode); flashinfer still on request."""
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flashinfer" else real_find_spec(name))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert _backends(DeployConfig(device="cuda", dtype="bfloat16")) == {"attention": "triton", "ssm": "flashinfer"}
+    assert _backends(DeployConfig(device="cuda", dtype="bfloat16")) == {"attention": "triton", "ssm": "triton"}
     ngram = {"method": "ngram", "num_speculative_tokens": 3}  # speculation changes nothing here
-    assert _backends(DeployConfig(device="cuda", dtype="bfloat16", speculative_config=ngram))["ssm"] == "flashinfer"
+    assert _backends(DeployConfig(device="cuda", dtype="bfloat16", speculative_config=ngram))["ssm"] == "triton"
     assert _backends(DeployConfig(device="cuda", dtype="bfloat16", attn_backend="flashinfer"))["attention"] == "flashinfer"
+    assert _backends(DeployConfig(device="cuda", dtype="bfloat16", ssm_backend="flashinfer"))["ssm"] == "flashinfer"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "flashinfer" else real_find_spec(name))
     assert _backends(DeployConfig(device="cuda", dtype="bfloat16")) == {"attention": "triton", "ssm": "triton"}
 

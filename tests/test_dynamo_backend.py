@@ -253,9 +253,9 @@ def test_mamba2_on_triton_kernels():
 
 @needs_triton
 def test_a_flashinfer_ssm_choice_lowers_to_the_triton_kernels(monkeypatch):
-    """Where auto picks the flashinfer SSM backend (bf16 on a GPU with flashinfer: found in review,
-    the lowering then fell back to the torch reference ops), the uncached graph gets the Triton
-    kernels, which flashinfer's SSM backend also runs for every non-decode lane."""
+    """Where the flashinfer SSM backend is chosen (the lowering once fell back to the torch
+    reference ops for it), the uncached graph gets the Triton kernels, which flashinfer's SSM
+    backend also runs for every non-decode lane."""
     monkeypatch.setattr(db.backends, "resolve", lambda *args, **kwargs: "flashinfer")
     model = build_model("mamba2")
     ids, pos, ref = hf_logits(model, LENGTH)

@@ -55,6 +55,11 @@ def prepare_attention_metadata(
       page_list [B, Pk] physical pages of logical pages kv_start // page_size, ... in order
       cu_seqlens [B+1]  token offsets of each lane
     """
+    if seq_lens.is_cuda:  # one launch instead of ~20 small ops
+        from autodeploy.custom_ops.triton_prepare_metadata import triton_prepare_attention_metadata
+
+        return triton_prepare_attention_metadata(input_ids.shape[-1], seq_lens, cached_lens, slots, page_table,
+                                                 page_size, window, ring_pages)
     cu, lane = _token_lanes(input_ids, seq_lens)
     cached = cached_lens.long()
     pos = cached[lane] + torch.arange(lane.shape[0], device=lane.device) - cu[lane]
@@ -97,6 +102,10 @@ def prepare_ssm_metadata(
       is_verify [B] bool      the lane's tokens are drafts under verification: outputs only, the
                               state is not advanced and the tokens' inputs go to the replay buffer
     """
+    if seq_lens.is_cuda:  # one launch instead of ~8 small ops
+        from autodeploy.custom_ops.triton_prepare_metadata import triton_prepare_ssm_metadata
+
+        return triton_prepare_ssm_metadata(seq_lens, cached_lens, accepted_lens, verify)
     cu, _ = _token_lanes(input_ids, seq_lens)
     return cu, cached_lens > 0, accepted_lens.long(), verify & (seq_lens > 0)
 

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
+from autodeploy.custom_ops.triton_kv_write import triton_write_kv
 from autodeploy.custom_ops.triton_lanes import lane_lengths, owning_lane
 
 __all__ = ["triton_cached_attention"]
@@ -173,8 +174,7 @@ def triton_cached_attention(
     Returns [1, T, hq, d]. Metadata shapes: see ``prepare_attention_metadata``.
     """
     page_size, hkv, d = k_cache.shape[1:]
-    k_cache.view(-1, hkv, d).index_copy_(0, write_idx, k[0].to(k_cache.dtype))
-    v_cache.view(-1, hkv, d).index_copy_(0, write_idx, v[0].to(v_cache.dtype))
+    triton_write_kv(k, v, k_cache, v_cache, write_idx)
     num_tokens, hq = q.shape[1], q.shape[2]
     out = torch.empty_like(q)
     if num_tokens == 0:

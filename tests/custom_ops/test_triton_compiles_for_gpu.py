@@ -168,6 +168,15 @@ def _small_ops(monkeypatch) -> None:
                                     torch.arange(1, lanes + 1, dtype=torch.int32), torch.arange(lanes + 1, dtype=ends),
                                     torch.ones(lanes, dtype=torch.bool), torch.zeros(lanes, dtype=torch.int32),
                                     torch.zeros(lanes, dtype=torch.bool))
+    # the prepare kernels (full-attention and ring pools, a strided page table as the runner's)
+    from autodeploy.custom_ops.triton_prepare_metadata import (
+        triton_prepare_attention_metadata, triton_prepare_ssm_metadata)
+
+    facts = [torch.tensor(v, dtype=torch.int32) for v in ([5, 1, 0], [0, 40, 0], [1, 2, 0])]
+    table = torch.zeros(33, 3, dtype=torch.int32).T
+    for window, ring in ((0, 0), (1024, 66)):
+        triton_prepare_attention_metadata(6, *facts, table, 16, window, ring)
+    triton_prepare_ssm_metadata(facts[0], facts[1], torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.bool))
     # autodeploy::linear's one-row kernel at bench-hybrid shapes (and a ragged K)
     from autodeploy.custom_ops.triton_gemv import triton_gemv
 
