@@ -63,6 +63,8 @@ class DeployConfig:
     perf_transforms: switch graph rewrites off by name (all on by default): "match_rope",
     "match_rms_norm", "fuse_projections", "match_gated_activation", "fold_constants" (weight-only
     expressions computed once), "gather_logits" (LM head only on the rows whose logits are used),
+    "match_linear" (a Triton GEMV for one-row steps on CUDA), "fuse_norm_linear" (an RMSNorm and
+    the linear layer it feeds as one op),
     e.g. {"fuse_projections": False}.
     """
 

@@ -26,15 +26,15 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def decode(data: dict) -> str:
-    head = (f"### Decode throughput, {data['model']} ({data['gpu']}, torch {data['torch']}; weights "
-            f"{data['weights_GB']:.2f} GB, copy {data['copy_TBs']:.2f} TB/s)\n\n")
-    rows = [[r["batch"], r["compile"], r["attn"], r.get("ssm", "triton"), r["decode_tok_s"], r["step_ms"],
+    head = (f"### Decode throughput ({data['gpu']}, torch {data['torch']}; copy {data['copy_TBs']:.2f} TB/s)\n\n")
+    rows = [[r.get("model", data["model"]), r["batch"], r["compile"], r["attn"], r.get("ssm", "triton"),
+             " ".join(r.get("flags", [])), r.get("kernels_per_step"), r["decode_tok_s"], r["step_ms"],
              f"{100 * r['fraction_of_floor']:.1f} %", r.get("hf_tok_s"),
              f"{r['speedup_vs_hf']:.1f}x" if "speedup_vs_hf" in r else None, r["ttft_s"],
              ", ".join(f"{k} {v:.2f}" for k, v in r.get("host_ms_per_step", {}).items() if k in HOST_PARTS)]
             for r in data["rows"]]
-    return head + _table(["batch", "compile", "attention", "ssm", "tok/s", "step ms", "of floor", "transformers tok/s",
-                          "vs transformers", "TTFT s", "host ms/step"], rows)
+    return head + _table(["model", "batch", "compile", "attention", "ssm", "options off", "kernels / step", "tok/s",
+                          "step ms", "of floor", "transformers tok/s", "vs transformers", "TTFT s", "host ms/step"], rows)
 
 
 def transforms(data: dict) -> str:

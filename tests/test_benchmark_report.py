@@ -23,7 +23,9 @@ def test_report_renders_a_gpu_run(tmp_path):
     text = _report(tmp_path)
     decode = json.loads((tmp_path / "decode.json").read_text())["rows"]
     best = max(decode, key=lambda r: r["decode_tok_s"] if r["batch"] == 1 else 0)
-    assert f"| 1 | {best['compile']} | {best['attn']} | {best['ssm']} | {best['decode_tok_s']:.3g} |" in text
+    row = (f"| bench-hybrid-0.6b | 1 | {best['compile']} | {best['attn']} | {best['ssm']} |  |  | "
+           f"{best['decode_tok_s']:.3g} |")
+    assert row in text
     assert f"{100 * best['fraction_of_floor']:.1f} %" in text
     for title in ("Decode throughput", "Performance transforms", "Step profile", "Prefill", "Op overhead",
                   "Sliding-window KV memory", "Speculative decoding"):

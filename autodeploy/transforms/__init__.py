@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from autodeploy.transforms.base import Transform, TransformConfig, TransformInfo
 from autodeploy.transforms.fold_constants import FoldConstants
+from autodeploy.transforms.fuse_norm_linear import FuseNormLinear
 from autodeploy.transforms.fuse_projections import FuseProjections
 from autodeploy.transforms.gather_logits import GatherLogits
 from autodeploy.transforms.insert_cached_attention import InsertCachedAttention
@@ -30,6 +31,7 @@ TRANSFORMS: dict[str, type[Transform]] = {
     GatherLogits.name: GatherLogits,
     FoldConstants.name: FoldConstants,
     MatchLinear.name: MatchLinear,
+    FuseNormLinear.name: FuseNormLinear,
 }
 
 __all__ = [

@@ -23,13 +23,14 @@ CACHED_PIPELINE: tuple[str, ...] = ("match_attention", "insert_cached_attention"
 # the graph rewrites a serving engine wants (each switchable in DeployConfig.perf_transforms), and
 # where they go: the pattern matchers before the caches, the logits gather and the linear op after
 PERF_TRANSFORMS: tuple[str, ...] = ("match_rope", "match_rms_norm", "fuse_projections", "match_gated_activation",
-                                    "fold_constants", "gather_logits", "match_linear")
+                                    "fold_constants", "gather_logits", "match_linear", "fuse_norm_linear")
 
 
 def cached_pipeline(perf: dict[str, bool] | None = None, checked: bool = False) -> tuple[str, ...]:
     """The cached pipeline with the performance transforms switched on in ``perf`` (default: all)."""
     on = [name for name in PERF_TRANSFORMS if (perf or {}).get(name, True)]
-    after_caches = ("gather_logits", "match_linear")  # match_linear last: the others look for aten.linear
+    # match_linear after the others that look for aten.linear; fuse_norm_linear needs its linear op
+    after_caches = ("gather_logits", "match_linear", "fuse_norm_linear")
     before = tuple(n for n in on if n not in after_caches)
     after = tuple(n for n in on if n in after_caches)
     return ("match_attention", *before, "insert_cached_attention", "insert_cached_ssm", *after,

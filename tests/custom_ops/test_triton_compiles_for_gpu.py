@@ -182,6 +182,12 @@ def _small_ops(monkeypatch) -> None:
 
     for n, k in ((10304, 2048), (2048, 4096), (32000, 2048), (3000, 100)):
         triton_gemv(torch.randn(1, k, dtype=bf16), torch.randn(n, k, dtype=bf16), torch.randn(n, dtype=bf16))
+    # and with the RMSNorm before it (plain and with the residual add; both cast orders)
+    from autodeploy.custom_ops.triton_norm_gemv import triton_norm_gemv
+
+    row, w = torch.randn(1, 2048, dtype=bf16), torch.randn(10304, 2048, dtype=bf16)
+    for residual, cast_first in ((None, True), (row, False)):
+        triton_norm_gemv(row, residual, torch.randn(2048, dtype=bf16), 1e-6, 1.0, cast_first, w, None)
     # the flashinfer SSM backend's lane split (its decode kernel is flashinfer's, not compiled here)
     from autodeploy.custom_ops.flashinfer_ssd_scan import decode_lane_inputs
 

@@ -1,0 +1,64 @@
+"""``autodeploy::rms_norm_linear`` / ``fused_add_rms_norm_linear``: the op is rms_norm then linear
+exactly (the CPU path), and the one-row Triton kernel matches a float64 computation of the same
+casts (interpreter on the CPU at tiny sizes; bf16 on a GPU); ``opcheck`` on both ops."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import DEVICE
+
+pytest.importorskip("triton")
+
+from autodeploy.custom_ops.rms_norm import rms_norm_reference  # noqa: E402
+from autodeploy.custom_ops.triton_norm_gemv import triton_norm_gemv  # noqa: E402
+
+ops = torch.ops.autodeploy
+DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def _rand(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(device=DEVICE, dtype=dtype)
+
+
+def _want(x, res, nw, offset, cast_first, w, b):
+    """float64 of the same steps: the sum rounded to x's dtype, the norm's output rounded to it."""
+    total = (x.double() + res.double()).to(x.dtype) if res is not None else x
+    normed = rms_norm_reference(total.double(), nw.double(), None, 1e-6, 0, offset, cast_first, torch.float64)
+    normed = normed.to(x.dtype).double()
+    return normed @ w.double().T + (b.double() if b is not None else 0), total
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("offset,cast_first", [(0.0, True), (1.0, False)])
+@pytest.mark.parametrize("k", [64, 100])  # 100: K not a power of two
+def test_norm_gemv_matches_float64(dtype, residual, offset, cast_first, k):
+    x, nw, w = _rand(1, 1, k, dtype=dtype, seed=1), _rand(k, dtype=dtype, seed=2), _rand(24, k, dtype=dtype, seed=3)
+    res = _rand(1, 1, k, dtype=dtype, seed=4) if residual else None
+    b = _rand(24, dtype=dtype, seed=5)
+    config = {"BLOCK_N": 8, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+    out, total = triton_norm_gemv(x, res, nw, 1e-6, offset, cast_first, w, b, config=config)
+    want, want_total = _want(x, res, nw, offset, cast_first, w, b)
+    assert out.shape == (1, 1, 24) and out.dtype == dtype
+    assert ((out.double() - want).norm() / want.norm()) < TOL[dtype]
+    if residual:
+        torch.testing.assert_close(total, want_total, atol=0, rtol=0)
+    else:
+        assert total is None
+
+
+def test_ops_are_the_pair_they_replace_and_pass_opcheck():
+    x, res, nw = _rand(2, 3, 16, seed=6), _rand(2, 3, 16, seed=7), _rand(16, seed=8)
+    w, b = _rand(8, 16, seed=9), _rand(8, seed=10)
+    normed = rms_norm_reference(x, nw, None, 1e-6, 0, 0.0, True, torch.float32)
+    torch.testing.assert_close(ops.rms_norm_linear(x, nw, 1e-6, 0.0, True, torch.float32, w, b),
+                               F.linear(normed, w, b), atol=0, rtol=0)
+    out, total = ops.fused_add_rms_norm_linear(x, res, nw, 1e-6, 1.0, False, torch.float32, w, None)
+    normed = rms_norm_reference(x + res, nw, None, 1e-6, 0, 1.0, False, torch.float32)
+    torch.testing.assert_close(out, F.linear(normed, w), atol=0, rtol=0)
+    torch.testing.assert_close(total, x + res, atol=0, rtol=0)
+    torch.library.opcheck(ops.rms_norm_linear.default, (x, nw, 1e-6, 0.0, True, torch.float32, w, b))
+    torch.library.opcheck(ops.fused_add_rms_norm_linear.default, (x, res, nw, 1e-6, 1.0, False, torch.float32, w, None))

@@ -1,0 +1,50 @@
+"""fuse_norm_linear on zoo models after the cached pipeline's pattern matchers: every plain norm
+that feeds only a linear layer is fused (counted against the graph before), nothing else changes
+(float32 logits equal the unfused graph's exactly: the op is the same pair on the CPU)."""
+
+import pytest
+import torch
+
+from autodeploy import export_model
+from autodeploy.models import build_model
+from autodeploy.transforms import run_pipeline
+
+from helpers import op_counts
+
+ops = torch.ops.autodeploy
+BEFORE = ["match_attention", "match_rope", "match_rms_norm", "fuse_projections", "match_gated_activation",
+          "match_linear"]
+
+
+def _norms_feeding_one_linear(gm) -> int:
+    count = 0
+    for node in gm.graph.nodes:
+        if node.target == ops.rms_norm.default and node.args[2] is None and not node.args[4]:
+            feeds = node
+        elif node.target == ops.fused_add_rms_norm.default:
+            feeds = next((u for u in node.users if u.args[1] == 0), None)
+        else:
+            continue
+        if feeds is not None and len(feeds.users) == 1 and next(iter(feeds.users)).target == ops.linear.default:
+            count += 1
+    return count
+
+
+@pytest.mark.parametrize("name", ["hybrid", "nemotron_h", "gemma3", "llama"])
+def test_fuse_norm_linear(name):
+    model = build_model(name)
+    gm = export_model(model, max_seq_len=64)
+    run_pipeline(gm, BEFORE)
+    expected = _norms_feeding_one_linear(gm)
+    assert expected > 0
+    ids = torch.randint(0, model.config.vocab_size, (1, 13), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(13)[None]
+    with torch.no_grad():
+        ref = gm(ids, pos)[0]
+    info = run_pipeline(gm, ["fuse_norm_linear"])[0]
+    counts = op_counts(gm)
+    assert info.num_matches == expected
+    assert counts[ops.rms_norm_linear.default] + counts[ops.fused_add_rms_norm_linear.default] == expected
+    assert _norms_feeding_one_linear(gm) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids, pos)[0], ref, atol=0, rtol=0)
