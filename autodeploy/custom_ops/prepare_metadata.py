@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["prepare_attention_metadata", "prepare_ssm_metadata", "prepare_logit_rows", "logit_row_counts", "swa_ring_pages"]
+__all__ = ["prepare_attention_metadata", "prepare_ssm_metadata", "prepare_logit_rows", "logit_row_counts", "swa_ring_pages",
+           "attention_metadata_reference", "ssm_metadata_reference"]
 
 
 def swa_ring_pages(window: int, max_num_tokens: int, page_size: int) -> int:
@@ -60,6 +61,13 @@ def prepare_attention_metadata(
 
         return triton_prepare_attention_metadata(input_ids.shape[-1], seq_lens, cached_lens, slots, page_table,
                                                  page_size, window, ring_pages)
+    return attention_metadata_reference(input_ids, seq_lens, cached_lens, slots, page_table, page_size, window,
+                                        ring_pages)
+
+
+def attention_metadata_reference(input_ids, seq_lens, cached_lens, slots, page_table, page_size: int, window: int,
+                                 ring_pages: int):
+    """``prepare_attention_metadata`` in torch ops (the CPU path and the Triton kernel's oracle)."""
     cu, lane = _token_lanes(input_ids, seq_lens)
     cached = cached_lens.long()
     pos = cached[lane] + torch.arange(lane.shape[0], device=lane.device) - cu[lane]
@@ -106,6 +114,11 @@ def prepare_ssm_metadata(
         from autodeploy.custom_ops.triton_prepare_metadata import triton_prepare_ssm_metadata
 
         return triton_prepare_ssm_metadata(seq_lens, cached_lens, accepted_lens, verify)
+    return ssm_metadata_reference(input_ids, seq_lens, cached_lens, accepted_lens, verify)
+
+
+def ssm_metadata_reference(input_ids, seq_lens, cached_lens, accepted_lens, verify):
+    """``prepare_ssm_metadata`` in torch ops (the CPU path and the Triton kernel's oracle)."""
     cu, _ = _token_lanes(input_ids, seq_lens)
     return cu, cached_lens > 0, accepted_lens.long(), verify & (seq_lens > 0)
 

@@ -5,6 +5,8 @@ empty, the padding lane), a strided page table as the runner passes it."""
 import pytest
 import torch
 
+from helpers import DEVICE
+
 pytest.importorskip("triton")
 
 from autodeploy.custom_ops import prepare_metadata as pm  # noqa: E402
@@ -24,7 +26,7 @@ def _lanes(seed: int, lanes: int = 6, width: int = 7, page: int = 4):
     accepted = torch.randint(0, 3, (lanes,), generator=g, dtype=i32)
     verify = torch.rand(lanes, generator=g) < 0.4
     ids = torch.zeros(1, int(seq.sum()), dtype=torch.long)
-    return ids, seq, cached, slots, table, accepted, verify
+    return tuple(t.to(DEVICE) for t in (ids, seq, cached, slots, table, accepted, verify))
 
 
 
@@ -32,7 +34,7 @@ def _lanes(seed: int, lanes: int = 6, width: int = 7, page: int = 4):
 @pytest.mark.parametrize("window,ring", [(0, 0), (6, 5), (1, 3)])
 def test_attention_metadata_matches_the_torch_ops(seed, window, ring):
     ids, seq, cached, slots, table, _, _ = _lanes(seed)
-    want = pm.prepare_attention_metadata(ids, seq, cached, slots, table, 4, window, ring)
+    want = pm.attention_metadata_reference(ids, seq, cached, slots, table, 4, window, ring)
     got = triton_prepare_attention_metadata(ids.shape[-1], seq, cached, slots, table, 4, window, ring)
     for name, g, w in zip(("write_idx", "kv_start", "kv_len", "page_list", "cu_seqlens"), got, want):
         assert g.dtype == w.dtype and torch.equal(g, w), name
@@ -41,7 +43,7 @@ def test_attention_metadata_matches_the_torch_ops(seed, window, ring):
 @pytest.mark.parametrize("seed", range(4))
 def test_ssm_metadata_matches_the_torch_ops(seed):
     ids, seq, cached, _, _, accepted, verify = _lanes(seed)
-    want = pm.prepare_ssm_metadata(ids, seq, cached, accepted, verify)
+    want = pm.ssm_metadata_reference(ids, seq, cached, accepted, verify)
     got = triton_prepare_ssm_metadata(seq, cached, accepted, verify)
     for name, g, w in zip(("cu_seqlens", "has_state", "replay_lens", "is_verify"), got, want):
         assert g.dtype == w.dtype and torch.equal(g, w), name
