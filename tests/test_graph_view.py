@@ -34,7 +34,7 @@ def test_layers_ops_prepares_and_caches_after(hybrid):
     assert cached(swa) == [("torch_cached_attention", 24, ["k_cache_0", "v_cache_0"])]
     assert cached(full) == [("torch_cached_attention", 0, ["k_cache_1", "v_cache_1"])]
     # the fused norms are ops of their layers too (perf transforms are on by default)
-    assert "fused_add_rms_norm" in {o.op for o in swa.ops}
+    assert {"fused_add_rms_norm", "fused_add_rms_norm_linear"} & {o.op for o in swa.ops}
     assert "W=24" in swa.description and full.description == "full attention"
     mamba = layers["model.layers.4"]
     assert {o.op: o.caches for o in mamba.ops if o.caches} == {"torch_cached_causal_conv1d": ["conv_state_1"],

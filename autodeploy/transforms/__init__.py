@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from autodeploy.transforms.base import Transform, TransformConfig, TransformInfo
 from autodeploy.transforms.fold_constants import FoldConstants
+from autodeploy.transforms.fuse_norm_add_norm import FuseNormAddNorm
 from autodeploy.transforms.fuse_norm_linear import FuseNormLinear
 from autodeploy.transforms.fuse_projections import FuseProjections
 from autodeploy.transforms.gather_logits import GatherLogits
@@ -32,6 +33,7 @@ TRANSFORMS: dict[str, type[Transform]] = {
     FoldConstants.name: FoldConstants,
     MatchLinear.name: MatchLinear,
     FuseNormLinear.name: FuseNormLinear,
+    FuseNormAddNorm.name: FuseNormAddNorm,
 }
 
 __all__ = [

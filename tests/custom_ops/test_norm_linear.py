@@ -62,3 +62,28 @@ def test_ops_are_the_pair_they_replace_and_pass_opcheck():
     torch.testing.assert_close(total, want_total, atol=0, rtol=0)
     torch.library.opcheck(ops.rms_norm_linear.default, (x, nw, 1e-6, 0.0, True, torch.float32, w, b))
     torch.library.opcheck(ops.fused_add_rms_norm_linear.default, (x, res, nw, 1e-6, 1.0, False, torch.float32, w, None))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("casts", [((0.0, True), (0.0, True)), ((1.0, False), (1.0, False)), ((0.0, False), (1.0, True))])
+def test_norm_add_norm_is_the_two_ops(dtype, casts):
+    """``rms_norm_add_rms_norm`` (one Triton launch per row on a GPU, here the kernel directly) against
+    the two ops it replaces in float64 with the same roundings; on the CPU the op is those ops."""
+    from autodeploy.custom_ops.triton_norm_add_norm import triton_norm_add_norm
+
+    (off1, cast1), (off2, cast2) = casts
+    x, res = _rand(2, 3, 40, dtype=dtype, seed=11), _rand(2, 3, 40, dtype=dtype, seed=12)
+    w1, w2 = _rand(40, dtype=dtype, seed=13), _rand(40, dtype=dtype, seed=14)
+    out, total = triton_norm_add_norm(x, w1, 1e-6, off1, cast1, dtype, res, w2, 1e-6, off2, cast2, dtype)
+    first = rms_norm_reference(x.double(), w1.double(), None, 1e-6, 0, off1, cast1, torch.float64).to(dtype)
+    want_total = (first.double() + res.double()).to(dtype)
+    want = rms_norm_reference(want_total.double(), w2.double(), None, 1e-6, 0, off2, cast2, torch.float64)
+    torch.testing.assert_close(total, want_total, atol=TOL[dtype], rtol=TOL[dtype])
+    assert ((out.double() - want).norm() / want.norm()) < TOL[dtype]
+    args = (x.cpu().float(), w1.cpu().float(), 1e-6, off1, cast1, torch.float32, res.cpu().float(), w2.cpu().float(),
+            1e-6, off2, cast2, torch.float32)
+    got = ops.rms_norm_add_rms_norm(*args)
+    mid = ops.rms_norm(args[0], args[1], None, 1e-6, 0, off1, cast1, torch.float32)
+    for g, w in zip(got, ops.fused_add_rms_norm(mid, args[6], args[7], 1e-6, off2, cast2, torch.float32)):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+    torch.library.opcheck(ops.rms_norm_add_rms_norm.default, args)

@@ -188,6 +188,13 @@ def _small_ops(monkeypatch) -> None:
     row, w = torch.randn(1, 2048, dtype=bf16), torch.randn(10304, 2048, dtype=bf16)
     for residual, cast_first in ((None, True), (row, False)):
         triton_norm_gemv(row, residual, torch.randn(2048, dtype=bf16), 1e-6, 1.0, cast_first, w, None)
+    # Gemma's post-block norm + residual add + next norm in one launch (bf16 stream, float32 weights)
+    from autodeploy.custom_ops.triton_norm_add_norm import triton_norm_add_norm
+
+    rows = torch.randn(3, 2048, dtype=bf16)
+    for cast_first in (True, False):
+        triton_norm_add_norm(rows, torch.randn(2048), 1e-6, 1.0, cast_first, bf16, rows, torch.randn(2048), 1e-6, 1.0,
+                             cast_first, bf16)
     # the flashinfer SSM backend's lane split (its decode kernel is flashinfer's, not compiled here)
     from autodeploy.custom_ops.flashinfer_ssd_scan import decode_lane_inputs
 

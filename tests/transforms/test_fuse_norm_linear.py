@@ -48,3 +48,25 @@ def test_fuse_norm_linear(name):
     assert _norms_feeding_one_linear(gm) == 0
     with torch.no_grad():
         torch.testing.assert_close(gm(ids, pos)[0], ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name,pairs", [("gemma3", 2 * 6 - 1), ("gemma2", 2 * 4 - 1), ("llama", 0)])
+def test_fuse_norm_add_norm(name, pairs):
+    """Gemma's post-block norms feed the next residual add + norm: two per layer fused (the last
+    layer's second feeds a plain add before the final norm), none in a model without them; float32
+    logits unchanged (the op is the two ops on the CPU)."""
+    model = build_model(name)
+    gm = export_model(model, max_seq_len=64)
+    run_pipeline(gm, ["match_attention", "match_rope", "match_rms_norm"])
+    ids = torch.randint(0, model.config.vocab_size, (1, 13), generator=torch.Generator().manual_seed(2))
+    pos = torch.arange(13)[None]
+    with torch.no_grad():
+        ref = gm(ids, pos)[0]
+    before = op_counts(gm)
+    info = run_pipeline(gm, ["fuse_norm_add_norm"])[0]
+    after = op_counts(gm)
+    assert info.num_matches == after[ops.rms_norm_add_rms_norm.default] == pairs
+    assert after[ops.rms_norm.default] == before[ops.rms_norm.default] - pairs
+    assert after[ops.fused_add_rms_norm.default] == before[ops.fused_add_rms_norm.default] - pairs
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids, pos)[0], ref, atol=0, rtol=0)
