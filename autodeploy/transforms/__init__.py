@@ -6,6 +6,7 @@ from autodeploy.transforms.base import Transform, TransformConfig, TransformInfo
 from autodeploy.transforms.fold_constants import FoldConstants
 from autodeploy.transforms.fuse_norm_add_norm import FuseNormAddNorm
 from autodeploy.transforms.fuse_norm_linear import FuseNormLinear
+from autodeploy.transforms.fuse_norm_rope import FuseNormRope
 from autodeploy.transforms.fuse_projections import FuseProjections
 from autodeploy.transforms.gather_logits import GatherLogits
 from autodeploy.transforms.insert_cached_attention import InsertCachedAttention
@@ -34,6 +35,7 @@ TRANSFORMS: dict[str, type[Transform]] = {
     MatchLinear.name: MatchLinear,
     FuseNormLinear.name: FuseNormLinear,
     FuseNormAddNorm.name: FuseNormAddNorm,
+    FuseNormRope.name: FuseNormRope,
 }
 
 __all__ = [

@@ -22,9 +22,9 @@ DEFAULT_PIPELINE: tuple[str, ...] = ("match_attention",)
 CACHED_PIPELINE: tuple[str, ...] = ("match_attention", "insert_cached_attention", "insert_cached_ssm")
 # the graph rewrites a serving engine wants (each switchable in DeployConfig.perf_transforms), and
 # where they go: the pattern matchers before the caches, the logits gather and the linear op after
-PERF_TRANSFORMS: tuple[str, ...] = ("match_rope", "match_rms_norm", "fuse_norm_add_norm", "fuse_projections",
-                                    "match_gated_activation", "fold_constants", "gather_logits", "match_linear",
-                                    "fuse_norm_linear")
+PERF_TRANSFORMS: tuple[str, ...] = ("match_rope", "match_rms_norm", "fuse_norm_add_norm", "fuse_norm_rope",
+                                    "fuse_projections", "match_gated_activation", "fold_constants", "gather_logits",
+                                    "match_linear", "fuse_norm_linear")
 
 
 def cached_pipeline(perf: dict[str, bool] | None = None, checked: bool = False) -> tuple[str, ...]:

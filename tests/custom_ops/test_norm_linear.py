@@ -87,3 +87,34 @@ def test_norm_add_norm_is_the_two_ops(dtype, casts):
     for g, w in zip(got, ops.fused_add_rms_norm(mid, args[6], args[7], 1e-6, off2, cast2, torch.float32)):
         torch.testing.assert_close(g, w, atol=0, rtol=0)
     torch.library.opcheck(ops.rms_norm_add_rms_norm.default, args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("token_dim", [1, 2])
+@pytest.mark.parametrize("rotary,offset,cast_first", [(16, 1.0, False), (8, 0.0, True)])  # 8 of 16: partial rotary
+def test_norm_rope_is_the_norms_then_rope(dtype, token_dim, rotary, offset, cast_first):
+    """``rms_norm_rope`` (the Triton kernel, interpreter on the CPU) against rms_norm of q and of k
+    then rope in float64 with the same roundings; the op itself on the CPU is those ops exactly."""
+    from autodeploy.custom_ops.rope import rope_reference
+    from autodeploy.custom_ops.triton_norm_rope import triton_norm_rope
+
+    shape = lambda heads: (1, 5, heads, 16) if token_dim == 1 else (1, heads, 5, 16)  # noqa: E731
+    q, k = _rand(*shape(4), dtype=dtype, seed=15), _rand(*shape(2), dtype=dtype, seed=16)
+    qw, kw = _rand(16, dtype=dtype, seed=17), _rand(16, dtype=dtype, seed=18)
+    pos = torch.tensor([[3, 0, 7, 7, 1]], device=DEVICE)
+    angles = torch.arange(9.0)[:, None] * torch.linspace(0.1, 1.0, rotary // 2)[None]
+    cos, sin = (f(torch.cat([angles, angles], -1)).to(DEVICE) for f in (torch.cos, torch.sin))
+    qo, ko = triton_norm_rope(q, k, qw, kw, 1e-6, offset, cast_first, pos, cos, sin, token_dim)
+    norm = lambda x, w: rms_norm_reference(x.double(), w.double(), None, 1e-6, 0, offset, cast_first,  # noqa: E731
+                                           torch.float64).to(dtype).double()
+    wq, wk = rope_reference(norm(q, qw), norm(k, kw), pos, cos.double(), sin.double(), token_dim)
+    for got, want in ((qo, wq), (ko, wk)):
+        assert got.is_contiguous() and ((got.double() - want).norm() / want.norm()) < TOL[dtype]
+    args = tuple(t.cpu().float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                 for t in (q, k, qw, kw, 1e-6, offset, cast_first, pos.cpu(), cos, sin, token_dim))
+    got = ops.rms_norm_rope(*args)
+    qn = ops.rms_norm(args[0], args[2], None, 1e-6, 0, offset, cast_first, torch.float32)
+    kn = ops.rms_norm(args[1], args[3], None, 1e-6, 0, offset, cast_first, torch.float32)
+    for g, w in zip(got, ops.rope(qn, kn, args[7], args[8], args[9], token_dim)):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+    torch.library.opcheck(ops.rms_norm_rope.default, args)

@@ -188,6 +188,15 @@ def _small_ops(monkeypatch) -> None:
     row, w = torch.randn(1, 2048, dtype=bf16), torch.randn(10304, 2048, dtype=bf16)
     for residual, cast_first in ((None, True), (row, False)):
         triton_norm_gemv(row, residual, torch.randn(2048, dtype=bf16), 1e-6, 1.0, cast_first, w, None)
+    # Gemma 3's q/k head norms + RoPE in one launch, both layouts, a full and a partial rotary table
+    from autodeploy.custom_ops.triton_norm_rope import triton_norm_rope
+
+    for token_dim, rotary in ((1, 256), (2, 128)):
+        shape = (1, 3, 4, 256) if token_dim == 1 else (1, 4, 3, 256)
+        kshape = (1, 3, 1, 256) if token_dim == 1 else (1, 1, 3, 256)
+        triton_norm_rope(torch.randn(shape, dtype=bf16), torch.randn(kshape, dtype=bf16), torch.randn(256, dtype=bf16),
+                         torch.randn(256, dtype=bf16), 1e-6, 1.0, False, torch.arange(3)[None],
+                         torch.randn(64, rotary), torch.randn(64, rotary), token_dim)
     # Gemma's post-block norm + residual add + next norm in one launch (bf16 stream, float32 weights)
     from autodeploy.custom_ops.triton_norm_add_norm import triton_norm_add_norm
 

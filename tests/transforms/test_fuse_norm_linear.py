@@ -70,3 +70,24 @@ def test_fuse_norm_add_norm(name, pairs):
     assert after[ops.fused_add_rms_norm.default] == before[ops.fused_add_rms_norm.default] - pairs
     with torch.no_grad():
         torch.testing.assert_close(gm(ids, pos)[0], ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name,layers", [("gemma3", 6), ("llama", 0)])
+def test_fuse_norm_rope(name, layers):
+    """Gemma 3's q/k norms and RoPE: one op per attention layer, none where there are no q/k norms;
+    float32 logits unchanged (the op is the three ops on the CPU)."""
+    model = build_model(name)
+    gm = export_model(model, max_seq_len=64)
+    run_pipeline(gm, ["match_attention", "match_rope", "match_rms_norm"])
+    ids = torch.randint(0, model.config.vocab_size, (1, 13), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(13)[None]
+    with torch.no_grad():
+        ref = gm(ids, pos)[0]
+    before = op_counts(gm)
+    info = run_pipeline(gm, ["fuse_norm_rope"])[0]
+    after = op_counts(gm)
+    assert info.num_matches == after[ops.rms_norm_rope.default] == layers
+    assert after[ops.rope.default] == before[ops.rope.default] - layers
+    assert after[ops.rms_norm.default] == before[ops.rms_norm.default] - 2 * layers
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids, pos)[0], ref, atol=0, rtol=0)
