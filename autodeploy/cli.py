@@ -320,7 +320,9 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         seed=args.seed, max_tokens=args.max_tokens if args.max_tokens is not None else 16,
         ignore_eos=args.ignore_eos)
     source, name = load_model(model)
-    llm = LLM(source, tokenizer=_zoo_tokenizer(source), **config)
+    # a zoo model takes text prompts through the byte-level tokenizer; with token ids only, it prints ids
+    text_prompts = any(isinstance(p, str) for p in prompts)
+    llm = LLM(source, tokenizer=_zoo_tokenizer(source) if text_prompts else None, **config)
     if llm.tokenizer is None and any(isinstance(p, str) for p in prompts):
         raise ValueError(f"text prompts need a tokenizer and model {name!r} has none; give token ids "
                          "(--prompt-ids 1,2,3 or lines of ids in --prompts-file)")
