@@ -51,7 +51,8 @@ def byte_tokenizer(config: Any) -> Any:
     tok.add_special_tokens(list(names.values()))
     kwargs = {f"{role}_token": f"<|{role}|>" for role, i in ids.items() if i is not None}
     if ids["bos"] is not None:  # a text prompt starts with BOS, as Llama's tokenizers do
-        tok.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", ids["bos"])])
+        tok.post_processor = processors.TemplateProcessing(single="<|bos|> $A",
+                                                           special_tokens=[("<|bos|>", ids["bos"])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHAT_TEMPLATE, **kwargs)
 
 

@@ -77,6 +77,7 @@ def test_stop_strings_never_stream_past_the_stop(live, client):
     want = offline["text", 0].outputs[0].text
     stop = next(want[i:i + 2] for i in range(2, len(want) - 1) if "\ufffd" not in want[i:i + 2])
     expected = want[:want.find(stop)]
+    stopped = _finished(server, "stop")
     full = client.completions.create(model="hybrid", prompt=TEXT_PROMPTS[0], stop=[stop], **GREEDY)
     assert full.choices[0].text == expected and full.choices[0].finish_reason == "stop"
     streamed, seen = "", []
@@ -86,6 +87,7 @@ def test_stop_strings_never_stream_past_the_stop(live, client):
         assert stop not in streamed and expected.startswith(streamed)
     assert streamed == expected
     _idle(server)  # the request was aborted at the stop string: its caches are free
+    assert _finished(server, "stop") == stopped + 2  # ended by the stop string, not run on to max_tokens
 
 
 def test_sampling_with_seed_is_reproducible(live, client):
@@ -157,6 +159,7 @@ def test_models_health_metrics(live, client):
 
 def test_disconnect_aborts_and_frees(live):
     server, offline = live
+    aborted = _finished(server, "abort")
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", server.url + "/v1/completions",
                          json={"model": "hybrid", "prompt": [7, 8, 9], "max_tokens": 80, "ignore_eos": True,
@@ -165,17 +168,18 @@ def test_disconnect_aborts_and_frees(live):
                 if line.startswith("data: "):
                     break  # the first chunk came: the request runs; now hang up
     _idle(server)
-    assert _aborted(server) == 1
+    assert _finished(server, "abort") == aborted + 1
     # non-streaming: a client that times out (and so disconnects) aborts too
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json={"model": "hybrid", "prompt": [7, 8], "max_tokens": 80,
                                                          "ignore_eos": True}, timeout=0.3)
     _idle(server)
-    assert _aborted(server) == 2
+    assert _finished(server, "abort") == aborted + 2
 
 
-def _aborted(server) -> float:
+def _finished(server, reason) -> float:
+    """Requests finished with ``reason`` so far, as /metrics counts them."""
     for line in httpx.get(server.url + "/metrics").text.splitlines():
-        if line.startswith('autodeploy_requests_finished_total{finish_reason="abort"}'):
+        if line.startswith(f'autodeploy_requests_finished_total{{finish_reason="{reason}"}}'):
             return float(line.split()[-1])
     return 0.0
