@@ -152,7 +152,8 @@ class EngineLoop:
                 tracked.sent += len(new)
             reason = req.finish_reason
             if req.finished:
-                reason = tracked.abort_reason or reason
+                if reason == "abort" and tracked.abort_reason:  # why we aborted it (a stop string: "stop")
+                    reason = tracked.abort_reason
                 del self._tracked[rid]
                 self.engine.requests.pop(rid)
                 self.metrics.on_finish(tracked, req, reason, now)

@@ -159,7 +159,7 @@ def test_models_health_metrics(live, client):
 
 def test_disconnect_aborts_and_frees(live):
     server, offline = live
-    aborted = _finished(server, "abort")
+    aborted, generated = _finished(server, "abort"), _metric(server, "autodeploy_generation_tokens_total")
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", server.url + "/v1/completions",
                          json={"model": "hybrid", "prompt": [7, 8, 9], "max_tokens": 80, "ignore_eos": True,
@@ -169,17 +169,23 @@ def test_disconnect_aborts_and_frees(live):
                     break  # the first chunk came: the request runs; now hang up
     _idle(server)
     assert _finished(server, "abort") == aborted + 1
+    assert _metric(server, "autodeploy_generation_tokens_total") - generated < 80  # stopped, not run to the end
     # non-streaming: a client that times out (and so disconnects) aborts too
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json={"model": "hybrid", "prompt": [7, 8], "max_tokens": 80,
                                                          "ignore_eos": True}, timeout=0.3)
     _idle(server)
     assert _finished(server, "abort") == aborted + 2
+    assert _metric(server, "autodeploy_generation_tokens_total") - generated < 160
+
+
+def _metric(server, name) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
 
 
 def _finished(server, reason) -> float:
     """Requests finished with ``reason`` so far, as /metrics counts them."""
-    for line in httpx.get(server.url + "/metrics").text.splitlines():
-        if line.startswith(f'autodeploy_requests_finished_total{{finish_reason="{reason}"}}'):
-            return float(line.split()[-1])
-    return 0.0
+    return _metric(server, f'autodeploy_requests_finished_total{{finish_reason="{reason}"}}')
