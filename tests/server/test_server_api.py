@@ -189,3 +189,31 @@ def _metric(server, name) -> float:
 def _finished(server, reason) -> float:
     """Requests finished with ``reason`` so far, as /metrics counts them."""
     return _metric(server, f'autodeploy_requests_finished_total{{finish_reason="{reason}"}}')
+
+
+def test_model_without_tokenizer_takes_ids_and_counts_speculation():
+    """A model with no tokenizer: token ids in and out, text requests refused with a message saying
+    what to send; with ngram speculation /metrics counts drafts and tokens stay the greedy ones."""
+    from autodeploy import LLM, SamplingParams
+    from autodeploy.models import build_model
+    from autodeploy.server import LiveServer
+
+    llm = LLM(build_model("llama"), max_batch_size=4, max_seq_len=64, max_num_tokens=32, page_size=8,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    prompt = [5, 6, 7, 8] * 6
+    plain = LLM(build_model("llama"), max_batch_size=4, max_seq_len=64, max_num_tokens=32, page_size=8)
+    want = plain.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=20, ignore_eos=True))
+    with LiveServer(llm, "llama") as server:
+        r = _post(server, "/v1/completions", {"model": "llama", "prompt": prompt, "max_tokens": 20, "temperature": 0,
+                                              "ignore_eos": True, "return_token_ids": True})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == ""
+        assert r.json()["choices"][0]["token_ids"] == want[0].outputs[0].token_ids
+        assert _metric(server, "autodeploy_spec_decode_draft_tokens_total") > 0
+        for path, body, param in [
+                ("/v1/completions", {"model": "llama", "prompt": "hello"}, "prompt"),
+                ("/v1/completions", {"model": "llama", "prompt": [1, 2], "stop": "x"}, "stop"),
+                ("/v1/chat/completions", {"model": "llama", "messages": [{"role": "user", "content": "hi"}]},
+                 "messages")]:
+            r = _post(server, path, body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+            assert "tokenizer" in r.json()["error"]["message"]
