@@ -148,7 +148,7 @@ def build_app(llm: Any, model_name: str, ready: Callable[[], None] | None = None
             raise RequestError(str(e), "stop" if "stop" in str(e) else None) from e
         try:
             request_id, events = await engine_loop.submit(prompt_ids, params)
-        except ValueError as e:  # the engine's own checks (token ids out of the vocabulary, KV pool too small)
+        except (ValueError, TypeError) as e:  # the engine's own checks (token ids outside the vocabulary, ...)
             raise RequestError(str(e), "prompt") from e
         except RuntimeError as e:
             raise RequestError(str(e), status=503, kind="server_error") from e

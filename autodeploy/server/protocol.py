@@ -38,7 +38,7 @@ class _Request(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = 1
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None

@@ -217,3 +217,15 @@ def test_model_without_tokenizer_takes_ids_and_counts_speculation():
             r = _post(server, path, body)
             assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
             assert "tokenizer" in r.json()["error"]["message"]
+
+        def broken(lanes):  # a device error in the middle of a step
+            raise RuntimeError("device lost")
+
+        llm.engine.runner.run = broken
+        r = _post(server, "/v1/completions", {"model": "llama", "prompt": [1, 2], "max_tokens": 4})
+        assert r.status_code == 500 and "device lost" in r.json()["error"]["message"]
+        assert r.json()["error"]["type"] == "server_error"
+        health = httpx.get(server.url + "/health")
+        assert health.status_code == 503 and "device lost" in health.json()["error"]
+        r = _post(server, "/v1/completions", {"model": "llama", "prompt": [1, 2], "max_tokens": 4})
+        assert r.status_code == 503 and "device lost" in r.json()["error"]["message"]
