@@ -25,6 +25,7 @@ from autodeploy.runtime.pools import PoolSizes, full_pages_within
 from autodeploy.runtime.runner import COMPILE_MODES, GraphRunner, default_capture_sizes
 from autodeploy.runtime.sampling import SamplingParams
 from autodeploy.runtime.speculative import DraftModelDrafter, Drafter, NgramDrafter, SpecDecodingStats
+from autodeploy.text import TextStream, chat_prompt_ids, text_prompt_ids
 from autodeploy.transforms.pipeline import PERF_TRANSFORMS, cached_pipeline, run_pipeline
 
 logger = logging.getLogger("autodeploy")
@@ -318,20 +319,35 @@ class LLM:
         return out
 
     def _prompt_ids(self, prompt: Any) -> list[int]:
+        """vLLM's prompt forms: a str, {"prompt": str}, or {"prompt_token_ids": [...]}."""
         if isinstance(prompt, dict):
-            if "prompt_token_ids" not in prompt:
-                raise ValueError(f"prompt dict needs 'prompt_token_ids', got keys {sorted(prompt)}")
-            ids = prompt["prompt_token_ids"]
-            if hasattr(ids, "tolist"):  # a tensor or an array of token ids
-                if getattr(ids, "ndim", 1) != 1:
-                    raise ValueError(f"prompt_token_ids must be 1-D, got shape {tuple(ids.shape)}")
-                ids = ids.tolist()
-            return list(ids)
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                if hasattr(ids, "tolist"):  # a tensor or an array of token ids
+                    if getattr(ids, "ndim", 1) != 1:
+                        raise ValueError(f"prompt_token_ids must be 1-D, got shape {tuple(ids.shape)}")
+                    ids = ids.tolist()
+                return list(ids)
+            if isinstance(prompt.get("prompt"), str):
+                return text_prompt_ids(self.tokenizer, prompt["prompt"])
+            raise ValueError(f"prompt dict needs 'prompt_token_ids' or 'prompt' (a str), got keys {sorted(prompt)}")
         if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("string prompts need a tokenizer; pass {'prompt_token_ids': [...]} instead")
-            return list(self.tokenizer(prompt)["input_ids"])
-        raise TypeError(f"a prompt is a str or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+            return text_prompt_ids(self.tokenizer, prompt)
+        raise TypeError(f"a prompt is a str, {{'prompt': str}} or {{'prompt_token_ids': [...]}}, "
+                        f"got {type(prompt).__name__}")
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        chat_template: str | None = None,
+    ) -> list[RequestOutput]:
+        """Generate the assistant's reply to a conversation ([{"role": "user", "content": ...}, ...])
+        or to each of a list of conversations, through the tokenizer's chat template (or
+        ``chat_template``, a Jinja string) with the generation prompt added, as vLLM's ``LLM.chat``."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [{"prompt_token_ids": chat_prompt_ids(self.tokenizer, c, chat_template)} for c in conversations]
+        return self.generate(prompts, sampling_params)
 
     def generate(
         self,
@@ -364,24 +380,29 @@ class LLM:
         token_lists = [self._prompt_ids(p) for p in prompts]
         if self.config.tensor_parallel_size > 1:
             token_lists, params = self._same_requests_on_every_rank(token_lists, params)
+        texts = [TextStream(self.tokenizer, p.stop) for p in params]  # before any request is queued
         ids: list[int] = []
         try:
             for tokens, p in zip(token_lists, params):
                 ids.append(self.engine.add_request(tokens, p))
-            reported = dict.fromkeys(ids, 0)
-            while reported:
+            while texts and any(t is not None for t in texts):
                 self.engine.step()
                 for index, rid in enumerate(ids):
+                    text = texts[index]
                     req = self.engine.requests.get(rid)
-                    if rid not in reported or (len(req.output) == reported[rid] and not req.finished):
+                    if text is None or (len(req.output) == len(text.token_ids) and not req.finished):
                         continue
-                    reported[rid] = len(req.output)
-                    if req.finished:
-                        del reported[rid]
+                    text.push(req.output[len(text.token_ids):])
+                    reason = "stop" if text.stopped else req.finish_reason
+                    if text.stopped and not req.finished:
+                        self.engine.abort(rid)  # a stop string: free its caches now
+                    if reason is not None:
+                        text.finish()
+                        texts[index] = None
                         self.engine.requests.pop(rid)
                         if self.spec_stats is not None:
                             self.spec_stats.add(req.spec)
-                    yield self._output(req, index)
+                    yield self._output(req, index, text, reason)
         finally:
             for rid in ids:
                 if rid in self.engine.requests:
@@ -396,8 +417,9 @@ class LLM:
                       if p.temperature > 0 and p.seed is None else p for p in params]
         return distributed.broadcast_object((token_lists, params))
 
-    def _output(self, req, index: int) -> RequestOutput:
-        text = self.tokenizer.decode(req.output) if self.tokenizer is not None else None
+    def _output(self, req, index: int, text: TextStream, reason: str | None) -> RequestOutput:
+        """A snapshot of ``req``: its tokens up to a stop string and the text released so far."""
         spec = dataclasses.replace(req.spec) if self.drafter is not None else None
-        return RequestOutput(req.request_id, list(req.prompt),
-                             [CompletionOutput(0, list(req.output), text, req.finish_reason)], req.finished, index, spec)
+        completion = CompletionOutput(0, list(text.token_ids), text.text[:text.released] if self.tokenizer else None,
+                                      reason)
+        return RequestOutput(req.request_id, list(req.prompt), [completion], reason is not None, index, spec)

@@ -3,6 +3,7 @@
     autodeploy                                   # = autodeploy run: the self-checking demo, ends in "OK"
     autodeploy run --model llama --prompt-ids 1,2,3 --max-tokens 8 --stream
     autodeploy graph hybrid --out graphs/        # what the transforms did, pictures before/after
+    autodeploy serve llama --port 8000           # an OpenAI-compatible HTTP server
     autodeploy info                              # backends, devices, versions
     autodeploy bench                             # benchmarks/bench_decode.py on a GPU, else a CPU quick run
 
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BAD_INPUT = 0, 1, 2, 3
-COMMANDS = ("run", "graph", "info", "bench")
+COMMANDS = ("run", "serve", "graph", "info", "bench")
 BACKEND_CHOICES = ("auto", "torch", "triton", "flashinfer")
 ID_LIST = re.compile(r"^\s*-?\d+(\s*,\s*-?\d+)*\s*,?\s*$")
 
@@ -181,6 +182,29 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     bench.add_argument("--batch-size", type=int, metavar="N", help="sequences decoded together (CPU default 4)")
     bench.add_argument("--prompt-len", type=int, metavar="N", help="prompt tokens per sequence (CPU default 32)")
     bench.add_argument("--new-tokens", type=int, metavar="N", help="new tokens per sequence (CPU default 32)")
+    serve = subs["serve"] = sub.add_parser(
+        "serve", parents=[common, engine], formatter_class=raw,
+        help="an OpenAI-compatible HTTP server (completions, chat, streaming, /metrics)",
+        description=wrap("Serve MODEL over the OpenAI HTTP API: POST /v1/completions, POST /v1/chat/completions "
+                         "(stream: true for server-sent events), GET /v1/models, GET /health, GET /metrics "
+                         "(Prometheus). Requests from all connections are batched by one engine. Stops on "
+                         "SIGINT/SIGTERM after in-flight requests finish (--shutdown-timeout). Needs the 'serve' "
+                         "extra: pip install 'autodeploy[serve]'."),
+        epilog="examples:\n  autodeploy serve                       # the embedded demo model (byte-level tokenizer)\n"
+               "  autodeploy serve ./my-checkpoint --port 8000 --max-batch-size 32\n"
+               "  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\\n"
+               "       -d '{\"model\": \"hybrid\", \"prompt\": \"Hello\", \"max_tokens\": 8}'")
+    serve.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                       help=f"zoo name ({', '.join(ZOO)}; these come with a byte-level tokenizer) or a checkpoint "
+                            "directory, as 'run --model' takes (default: hybrid, the embedded demo model)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    serve.add_argument("--served-model-name", metavar="NAME",
+                       help="the model id clients send and /v1/models lists (default: MODEL as given)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                       help="on SIGINT/SIGTERM, seconds in-flight requests may take to finish before they are "
+                            "aborted (default 30)")
+    serve.add_argument("--tp", type=positive_int, metavar="N", help="tensor parallelism: not supported by serve yet")
     return parser, subs
 
 
@@ -296,7 +320,9 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         seed=args.seed, max_tokens=args.max_tokens if args.max_tokens is not None else 16,
         ignore_eos=args.ignore_eos)
     source, name = load_model(model)
-    llm = LLM(source, **config)
+    # a zoo model takes text prompts through the byte-level tokenizer; with token ids only, it prints ids
+    text_prompts = any(isinstance(p, str) for p in prompts)
+    llm = LLM(source, tokenizer=_zoo_tokenizer(source) if text_prompts else None, **config)
     if llm.tokenizer is None and any(isinstance(p, str) for p in prompts):
         raise ValueError(f"text prompts need a tokenizer and model {name!r} has none; give token ids "
                          "(--prompt-ids 1,2,3 or lines of ids in --prompts-file)")
@@ -372,6 +398,40 @@ def _stream(llm, requests: list, params) -> dict[int, Any]:
                 print()
             print(f"[{i}] done ({c.finish_reason}): {len(c.token_ids)} tokens", flush=True)
     return final
+
+
+def _zoo_tokenizer(source: Any) -> Any:
+    """The byte-level tokenizer for a zoo model instance (they have none of their own), else None:
+    a checkpoint directory brings its own tokenizer, if it has one."""
+    import torch
+
+    from autodeploy.models.tokenizer import byte_tokenizer
+
+    if isinstance(source, torch.nn.Module) and getattr(getattr(source, "config", None), "vocab_size", None) == 256:
+        return byte_tokenizer(source.config)
+    return None
+
+
+def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.tp is not None and args.tp > 1:
+        raise ValueError("serve --tp is not supported yet: serve one rank, or run tensor-parallel offline with "
+                         "'autodeploy run --tp N' or LLM under torchrun")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    try:
+        from autodeploy.server import serve
+    except ImportError as e:
+        raise ValueError(f"serve needs the server packages ({e.name} is missing): pip install 'autodeploy[serve]'") \
+            from e
+    from autodeploy.api import LLM
+    from autodeploy.demo import DEFAULT_MODEL, load_model
+
+    model = args.model or DEFAULT_MODEL
+    source, _ = load_model(model)
+    llm = LLM(source, tokenizer=_zoo_tokenizer(source), **_engine_config(args))
+    serve(llm, args.served_model_name or model, args.host, args.port, args.shutdown_timeout,
+          log_level="info" if getattr(args, "verbose", False) else "warning")
+    return EXIT_OK
 
 
 def cmd_graph(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -629,13 +689,13 @@ def main(argv: list[str] | None = None) -> int:
     debug = getattr(args, "debug", False)
     from autodeploy.export import ExportError
 
-    commands = {"run": cmd_run, "graph": cmd_graph, "info": cmd_info}
+    commands = {"run": cmd_run, "serve": cmd_serve, "graph": cmd_graph, "info": cmd_info}
     tp = getattr(args, "tp", None)
     if args.command == "run" and tp != 1 and _under_torchrun() and os.environ["RANK"] != "0":
         sys.stdout = open(os.devnull, "w")  # every rank computes the same outputs; rank 0 prints them
     try:
         with _logging(getattr(args, "verbose", False)):
-            if tp is not None and tp > 1 and not _under_torchrun():
+            if args.command == "run" and tp is not None and tp > 1 and not _under_torchrun():
                 return _launch_tensor_parallel(argv, tp, getattr(args, "verbose", False))
             if args.command == "bench":
                 return cmd_bench(args, subs["bench"], extra)

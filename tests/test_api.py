@@ -136,14 +136,18 @@ def test_prompt_ids_as_tensors_and_wrong_shapes_or_types(llm):
         llm.generate([{"prompt_token_ids": ids[None]}], params)
     with pytest.raises(ValueError, match="not int"):
         llm.generate([{"prompt_token_ids": [1.5, 2]}], params)
-    with pytest.raises(TypeError, match="a prompt is a str or"):
+    with pytest.raises(TypeError, match="a prompt is a str, "):
         llm.generate([[1, 2, 3]], params)
     llm.engine.pools.assert_empty()
 
 
 def test_string_prompt_without_tokenizer(llm):
-    with pytest.raises(ValueError, match="string prompts need a tokenizer"):
+    with pytest.raises(ValueError, match="text prompts need a tokenizer"):
         llm.generate("hello")
+    with pytest.raises(ValueError, match="text prompts need a tokenizer"):
+        llm.generate({"prompt": "hello"})
+    with pytest.raises(ValueError, match="chat needs a tokenizer"):
+        llm.chat([{"role": "user", "content": "hello"}])
 
 
 def test_cache_budget_sizes_the_full_attention_pool():

@@ -109,7 +109,11 @@ def test_run_checkpoint_directory_with_prompts_file_and_demo(checkpoint, tmp_pat
 
 
 def test_run_errors(capsys, tmp_path):
-    assert main(["run", "--prompt", "hello"]) == 3  # the zoo models have no tokenizer
+    from autodeploy.models import build_model
+
+    build_model("llama").save_pretrained(tmp_path / "no_tokenizer")  # a checkpoint without a tokenizer
+    capsys.readouterr()  # (its progress bar)
+    assert main(["run", "--model", str(tmp_path / "no_tokenizer"), "--prompt", "hello"]) == 3
     assert "--prompt-ids" in _one_line_error(capsys.readouterr().err)
     assert main(["run", "--prompt-ids", "1,2", "--max-batch-size", "0"]) == 3  # DeployConfig says no
     assert "max_batch_size" in _one_line_error(capsys.readouterr().err)

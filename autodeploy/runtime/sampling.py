@@ -9,7 +9,8 @@ import torch
 
 @dataclass
 class SamplingParams:
-    """temperature 0 means greedy. top_k 0 / top_p 1.0 disable those filters."""
+    """temperature 0 means greedy. top_k 0 / top_p 1.0 disable those filters. ``stop``: strings
+    that end the output (not included in it; needs a tokenizer), a str or a list of them."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -18,8 +19,14 @@ class SamplingParams:
     max_tokens: int = 16
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    stop: list[str] = field(default_factory=list)
 
     def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a non-empty str or a list of them, got {self.stop!r}")
+        self.stop = list(self.stop)
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive int, got {self.max_tokens!r}")
         if self.temperature < 0:
