@@ -218,7 +218,7 @@ def test_model_without_tokenizer_takes_ids_and_counts_speculation():
             assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
             assert "tokenizer" in r.json()["error"]["message"]
 
-        def broken(lanes):  # a device error in the middle of a step
+        def broken(*args, **kwargs):  # a device error in the middle of a step
             raise RuntimeError("device lost")
 
         llm.engine.runner.run = broken
