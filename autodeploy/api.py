@@ -172,6 +172,30 @@ class RequestOutput:
     spec_stats: SpecDecodingStats | None = None  # with speculative decoding: drafts proposed/accepted
 
 
+def _check_device_usable(device: str) -> None:
+    """A CUDA device asked for on a machine without a usable GPU is a clear error (torch itself
+    raises a bare AssertionError deep inside the first tensor move)."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        why = ("this torch build has no CUDA support" if torch.version.cuda is None
+               else "no CUDA device is visible (driver, CUDA_VISIBLE_DEVICES)")
+        raise ValueError(f"device={device!r} needs a usable GPU, but {why} (torch {torch.__version__}); "
+                         "use device='cpu'")
+
+
+def _check_config_json(path: str) -> None:
+    """config.json must be a JSON object: a corrupt one is reported as such, not as a loader error."""
+    import json
+
+    file = os.path.join(path, "config.json")
+    try:
+        with open(file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e}): the checkpoint's config is corrupt") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} holds a JSON {type(config).__name__}, not an object: the checkpoint's config is corrupt")
+
+
 def _load(model: nn.Module | str | os.PathLike, dtype: torch.dtype):
     if isinstance(model, nn.Module):
         return model, None
@@ -180,6 +204,7 @@ def _load(model: nn.Module | str | os.PathLike, dtype: torch.dtype):
         raise FileNotFoundError(f"model directory {path!r} does not exist")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path!r} has no config.json: not a transformers checkpoint directory")
+    _check_config_json(path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -243,6 +268,7 @@ class LLM:
 
     def __init__(self, model: nn.Module | str | os.PathLike, tokenizer: Any = None, **config: Any):
         self.config = DeployConfig.from_kwargs(**config)
+        _check_device_usable(self.config.device)
         if self.config.tensor_parallel_size > 1:  # joins torchrun's process group; cuda -> cuda:LOCAL_RANK
             self.config.device = distributed.init(self.config.tensor_parallel_size, self.config.device)
         dtype = DTYPES[self.config.dtype]
