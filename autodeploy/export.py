@@ -29,6 +29,7 @@ import torch.nn as nn
 from torch.fx import GraphModule
 
 import autodeploy.custom_ops  # noqa: F401  (registers the ops)
+from autodeploy.calling_convention import CallingConventionError, ForwardCall
 from autodeploy.fx_utils import owning_module
 
 logger = logging.getLogger(__name__)
@@ -58,10 +59,16 @@ class LogitsOnly(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model  # attribute name = fx_utils.EXPORT_ROOT
+        try:
+            self.call = ForwardCall(model)  # what the forward accepts: calling_convention.py
+        except CallingConventionError as e:
+            raise ExportError(str(e)) from None
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-        return out if isinstance(out, torch.Tensor) else out.logits
+        try:
+            return self.call(self.model, input_ids, position_ids)
+        except CallingConventionError as e:
+            raise ExportError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------------------------
