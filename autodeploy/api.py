@@ -235,6 +235,7 @@ def _cached_graph(model: nn.Module, cfg: DeployConfig):
     if cfg.tensor_parallel_size > 1:  # on the plain exported graph, before fusions and caches
         names = (*names[:1], "shard_tensor_parallel", *names[1:])
     options = {
+        "match_attention": {"unmatched": "error"},  # a layer left as exported would see one step's tokens
         "insert_cached_attention": {"page_size": cfg.page_size, "max_num_tokens": cfg.max_num_tokens,
                                     "backend": chosen["attention"]},
         "insert_cached_ssm": {"backend": chosen["ssm"], "max_draft_tokens": cfg.num_speculative_tokens},

@@ -7,6 +7,7 @@ import torch
 
 from autodeploy import LLM, SamplingParams
 from autodeploy.export import ExportError, export_model
+from autodeploy.transforms.match_attention import UncacheableAttention
 
 from handwritten import TinyLM, greedy, logits, prompts
 
@@ -77,3 +78,11 @@ class _NeedsMask(torch.nn.Module):
 def test_other_calling_conventions_are_one_clear_error(model, match):
     with pytest.raises(ExportError, match=match):
         export_model(model, max_seq_len=16)
+
+
+def test_bidirectional_attention_is_refused_at_build():
+    """Left as exported, such a layer sees only the current step's tokens (and, batched, the other
+    requests' tokens): wrong tokens. The cached engine refuses it, naming each layer and the mask."""
+    with pytest.raises(UncacheableAttention, match=r"blocks\.0 \(scaled_dot_product_attention\): .*bidirectional"
+                                                   r".*blocks\.1 .*torch\.compile"):
+        LLM(TinyLM(mask="bidirectional").eval(), **ENGINE)

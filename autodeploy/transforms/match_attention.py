@@ -46,6 +46,7 @@ DROPOUT = {aten.dropout.default}
 VIEW_LIKE = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
+NOT_ATTENTION_MARK = " (not attention)"
 MASKED_LOGIT = -1e4  # an additive mask entry at or below this drops the key (exp underflows to 0)
 
 
@@ -53,11 +54,23 @@ class UnmatchedAttention(Exception):
     """An attention-shaped subgraph that cannot be expressed as the canonical op (message says why)."""
 
 
+class NotAttention(UnmatchedAttention):
+    """A softmax that is not attention (e.g. a router's): nothing a cache would have to hold."""
+
+
+class UncacheableAttention(ValueError):
+    """Attention that a cached engine cannot serve exactly (``unmatched="error"``); names the layers."""
+
+
 @dataclass
 class MatchAttentionConfig(TransformConfig):
     # Length at which masks are probed. A window >= probe_length cannot be told apart from full
     # causal attention; it is capped at the exported max_seq_len, where that makes it exact.
     probe_length: int = 1024
+    # what to do with attention that cannot be expressed as the canonical op: "warn" (left as
+    # exported: right for an uncached graph) or "error" (a cached engine, where a layer left as
+    # exported sees only the tokens of the current step, so it would give wrong tokens)
+    unmatched: str = "warn"
 
 
 def _arg(node: Node, index: int, name: str, default=None):
@@ -158,8 +171,31 @@ class MaskProbe:
         j = torch.arange(L)[None, :]
         expected = (j <= i) & (j > i - width)
         if width == 0 or not torch.equal(keep.cpu(), expected):
-            raise UnmatchedAttention("mask is neither causal nor a causal sliding window")
+            raise UnmatchedAttention(f"mask is neither causal nor a causal sliding window: {describe_mask(keep)}")
         return 0 if width >= L else width
+
+
+def _ranges(keys: list[int]) -> str:
+    out, start = [], None
+    for j, k in enumerate(keys):
+        if start is None:
+            start = k
+        if j + 1 == len(keys) or keys[j + 1] != k + 1:
+            out.append(str(start) if start == k else f"{start}..{k}")
+            start = None
+    return ", ".join(out) or "none"
+
+
+def describe_mask(keep: torch.Tensor) -> str:
+    """Where a keep-mask [L, L] first departs from plain causal attention, in words."""
+    keep = keep.cpu().bool()
+    L = keep.shape[-1]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    if keep[:, :].triu(1).any():
+        i = int(keep.triu(1).any(-1).nonzero()[0])
+        return f"query {i} sees later keys (keys {_ranges(keep[i].nonzero().flatten().tolist())}): not causal"
+    i = int((keep != causal).any(-1).nonzero()[0])
+    return f"query {i} sees keys {_ranges(keep[i].nonzero().flatten().tolist())}"
 
 
 class MatchAttention(Transform):
@@ -173,9 +209,19 @@ class MatchAttention(Transform):
         length = self.config.probe_length
         if export_info is not None:
             length = min(length, export_info.max_seq_len)
+        if self.config.unmatched not in ("warn", "error"):
+            raise ValueError(f"{self.name}: unmatched must be 'warn' or 'error', got {self.config.unmatched!r}")
         matched, unmatched = self.replace_all(gm, MaskProbe(gm, length))
         info.num_matches, info.changed = matched, matched > 0
         info.details["unmatched"] = unmatched
+        if self.config.unmatched == "error":
+            uncacheable = [line for line in unmatched if not line.endswith(NOT_ATTENTION_MARK)]
+            if uncacheable:
+                raise UncacheableAttention(
+                    "cannot serve this attention exactly with a KV cache: " + "; ".join(uncacheable)
+                    + ". Left as exported, a layer would see only the tokens of the current step; supported: "
+                    "causal, causal sliding-window and block-local (chunked) causal masks. "
+                    "torch.compile(model, backend='autodeploy') runs such a model uncached")
         for line in unmatched:
             logger.warning("match_attention: left unmatched, runs as exported: %s", line)
 
@@ -193,7 +239,8 @@ class MatchAttention(Transform):
                     self._replace_eager(gm, node, probe)
                 matched += 1
             except UnmatchedAttention as why:
-                unmatched.append(f"{owning_module(node) or '<root>'} ({node.name}): {why}")
+                mark = NOT_ATTENTION_MARK if isinstance(why, NotAttention) else ""
+                unmatched.append(f"{owning_module(node) or '<root>'} ({node.name}): {why}{mark}")
         return matched, unmatched
 
     # -- SDPA ------------------------------------------------------------------------------------
@@ -208,7 +255,8 @@ class MatchAttention(Transform):
         if mask is not None and is_causal:
             raise UnmatchedAttention("both attn_mask and is_causal given")
         if mask is None and not is_causal:
-            raise UnmatchedAttention("SDPA without a mask and with is_causal=False is not causal")
+            raise UnmatchedAttention("SDPA without a mask and with is_causal=False: bidirectional, every query "
+                                     "sees every key, later ones included")
         window = 0
         if mask is not None:
             mval = _val(mask)
@@ -223,13 +271,16 @@ class MatchAttention(Transform):
     # -- eager -----------------------------------------------------------------------------------
     def _replace_eager(self, gm: GraphModule, softmax: Node, probe: MaskProbe) -> None:
         dim = softmax.args[1]
-        if dim not in (-1, 3):
-            raise UnmatchedAttention(f"softmax over dim {dim}, expected the last")
+        val = _val(softmax.args[0])
+        if dim not in (-1, 3) and not (val is not None and dim == val.dim() - 1):
+            raise NotAttention(f"softmax over dim {dim}, not the last")
         # output side: softmax -> [to] -> [dropout(train=False)] -> [to] -> matmul(., v)
         user, chain = softmax, [softmax]
         while True:
             if len(user.users) != 1:
-                raise UnmatchedAttention("softmax output has several users")
+                if not any(u.target in MATMUL for u in user.users):
+                    raise NotAttention("softmax output has several users, none a matmul")
+                raise UnmatchedAttention("softmax output has several users (attention probabilities used elsewhere)")
             (nxt,) = user.users
             if nxt.target in TRANSPARENT:
                 user = nxt
@@ -242,7 +293,7 @@ class MatchAttention(Transform):
             chain.append(user)
         pv = nxt
         if pv.target not in MATMUL or pv.args[0] is not user:
-            raise UnmatchedAttention("softmax is not followed by probs @ v")
+            raise NotAttention("softmax is not followed by probs @ v")
         v = pv.args[1]
         # input side: matmul -> [scale] -> [soft-cap] -> [mask] -> softmax
         x = _skip_transparent(softmax.args[0])
@@ -349,5 +400,6 @@ def _fake_mode(val: torch.Tensor):
     return contextlib.nullcontext() if mode is None else mode
 
 
-__all__ = ["MatchAttention", "MatchAttentionConfig", "UnmatchedAttention", "strip_repeat_kv"]
+__all__ = ["MatchAttention", "MatchAttentionConfig", "NotAttention", "UncacheableAttention", "UnmatchedAttention",
+           "describe_mask", "strip_repeat_kv"]
 
