@@ -24,6 +24,7 @@ from autodeploy.runtime.engine import Engine
 from autodeploy.runtime.pools import PoolSizes, full_pages_within
 from autodeploy.runtime.runner import COMPILE_MODES, GraphRunner, default_capture_sizes
 from autodeploy.runtime.sampling import SamplingParams
+from autodeploy.self_check import self_check
 from autodeploy.runtime.speculative import DraftModelDrafter, Drafter, NgramDrafter, SpecDecodingStats
 from autodeploy.transforms.pipeline import PERF_TRANSFORMS, cached_pipeline, run_pipeline
 
@@ -64,6 +65,9 @@ class DeployConfig:
     "match_rms_norm", "fuse_projections", "match_gated_activation", "fold_constants" (weight-only
     expressions computed once), "gather_logits" (LM head only on the rows whose logits are used),
     e.g. {"fuse_projections": False}.
+    self_check: before serving, run a short probe (two requests, chunked prefill, decode steps)
+    through the engine and compare its logits with the model's own forward; a mismatch is an error
+    naming the first module whose output differs (autodeploy/self_check.py).
     """
 
     max_batch_size: int = 8
@@ -82,6 +86,7 @@ class DeployConfig:
     speculative_config: dict | None = None
     tensor_parallel_size: int = field(default_factory=distributed.launched_world_size)
     perf_transforms: dict[str, bool] | None = None
+    self_check: bool = True
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_seq_len", "page_size", "max_num_tokens", "tensor_parallel_size"):
@@ -293,6 +298,8 @@ class LLM:
         self.engine = Engine(self._runner(self.gm, sizes), sizes, vocab, _eos_token_ids(self.model), cfg.device,
                              self.drafter)
         self.engine.checked = cfg.checked
+        if cfg.self_check:
+            self._self_check(dtype)
         self.build_seconds = time.perf_counter() - start
         self.spec_stats = SpecDecodingStats() if self.drafter is not None else None
         logger.info("backends: %s", self.gm.meta["autodeploy_backends"])
@@ -302,9 +309,21 @@ class LLM:
                     else "", {pool: f"{b / 2**20:.1f} MiB" for pool, b in self.cache_bytes().items()},
                     sizes.num_full_pages, cfg.page_size)
 
-    def _graph(self, model: nn.Module):
+    def _self_check(self, dtype: torch.dtype) -> None:
+        """The engine (and a draft model's) against the model's own forward: autodeploy/self_check.py."""
+        if self.config.tensor_parallel_size > 1 and str(self._build_device) != str(self.config.device):
+            logger.info("self-check skipped: under tensor parallelism on GPUs the unsharded reference forward "
+                        "would run on the host")
+            return
+        plain = dataclasses.replace(self.config, perf_transforms=dict.fromkeys(PERF_TRANSFORMS, False))
+        self_check(self.model, self.engine.runner, dtype, lambda: self._graph(self.model, plain)[0])
+        if isinstance(self.drafter, DraftModelDrafter):
+            self_check(self.draft_model, self.drafter.runner, dtype, lambda: self._graph(self.draft_model, plain)[0],
+                       what="the draft model's engine")
+
+    def _graph(self, model: nn.Module, cfg: DeployConfig | None = None):
         """The cached graph of ``model`` on the engine's device (built where the model is)."""
-        gm, infos = _cached_graph(model, self.config)
+        gm, infos = _cached_graph(model, cfg or self.config)
         if str(self._build_device) != str(self.config.device):
             move_graph_module(gm, self.config.device)
         return gm, infos

@@ -11,6 +11,9 @@ them: the models the build must serve exactly or refuse. Seeded weights, float32
   returns: "tensor", "tuple" ((logits, hidden)), "dict" ({"logits": ..., "hidden": ...}).
   signature: "kwargs" (forward(input_ids, position_ids=None, **kwargs)), "plain"
         (forward(input_ids, position_ids): no use_cache accepted).
+  mixer: None, or a token-mixing op after attention that no cache holds: "cumsum" (a running mean
+        over the tokens so far: causal, but state a cached engine loses between steps) or
+        "seqmean" (subtracts the mean over the whole sequence: bidirectional).
 """
 
 from __future__ import annotations
@@ -29,12 +32,25 @@ def rope(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     ang = pos[:, None, :, None].float() * inv
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
-    return x * cos + torch.cat([-x2, x1], -1) * sin
+    return (x * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
+
+
+class TokenMixer(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        if self.kind == "cumsum":
+            count = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype)[None, :, None]
+            return x + torch.cumsum(x, 1) / count
+        return x - x.mean(1, keepdim=True)
 
 
 class Block(nn.Module):
-    def __init__(self, hidden: int, heads: int, mask: str, window: int, chunk: int):
+    def __init__(self, hidden: int, heads: int, mask: str, window: int, chunk: int, mixer: str | None = None):
         super().__init__()
+        self.mix = TokenMixer(mixer) if mixer else None
         self.heads, self.mask, self.window, self.chunk = heads, mask, window, chunk
         self.norm1, self.norm2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
         self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
@@ -70,19 +86,21 @@ class Block(nn.Module):
             q, k = rope(q, pos), rope(k, pos)
         a = self.attend(q, k, v).transpose(1, 2).reshape(b, s, hdim)
         x = x + self.out(a)
+        if self.mix is not None:
+            x = self.mix(x)
         return x + self.mlp(self.norm2(x))
 
 
 class TinyLM(nn.Module):
     def __init__(self, mask: str = "causal", positions: str = "rope", returns: str = "tensor",
                  signature: str = "kwargs", layers: int = 2, hidden: int = 32, heads: int = 4,
-                 window: int = 6, chunk: int = 8, seed: int = 0):
+                 window: int = 6, chunk: int = 8, mixer: str | None = None, seed: int = 0):
         super().__init__()
         torch.manual_seed(seed)
         self.positions, self.returns = positions, returns
         self.embed = nn.Embedding(VOCAB, hidden)
         self.pos_embed = nn.Embedding(512, hidden) if positions == "learned" else None
-        self.blocks = nn.ModuleList(Block(hidden, heads, mask, window, chunk) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(hidden, heads, mask, window, chunk, mixer) for _ in range(layers))
         self.norm = nn.LayerNorm(hidden)
         self.head = nn.Linear(hidden, VOCAB, bias=False)
         with torch.no_grad():  # larger logits: greedy ties impossible, wrong context shows at once
