@@ -137,3 +137,15 @@ def test_llama4_position_temperature_refused_where_it_would_matter():
     ps = prompts((3, 6))
     outs = llm.generate([{"prompt_token_ids": p} for p in ps], SamplingParams(max_tokens=6, ignore_eos=True))
     assert [o.outputs[0].token_ids for o in outs] == [greedy_uncached(model, p, 6) for p in ps]
+
+
+def test_torch_compile_backend_lowers_block_local_attention_to_sdpa():
+    """The uncached torch.compile backend lowers a matched chunked op to SDPA with the block mask."""
+    from autodeploy.custom_ops.attention import attention_reference
+    from autodeploy.dynamo_backend import sdpa_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, h, 8, generator=g) for n, h in ((7, 4), (19, 2), (19, 2)))
+    for chunk in (1, 5, 19):
+        torch.testing.assert_close(sdpa_attention(q, k, v, 0.3, 0, 0.0, None, chunk),
+                                   attention_reference(q, k, v, 0.3, 0, 0.0, None, chunk), rtol=0, atol=1e-5)

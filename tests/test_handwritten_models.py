@@ -86,3 +86,13 @@ def test_bidirectional_attention_is_refused_at_build():
     with pytest.raises(UncacheableAttention, match=r"blocks\.0 \(scaled_dot_product_attention\): .*bidirectional"
                                                    r".*blocks\.1 .*torch\.compile"):
         LLM(TinyLM(mask="bidirectional").eval(), **ENGINE)
+
+
+@pytest.mark.parametrize("name", ["bool_window", "returns_dict"])
+def test_exact_under_ngram_and_draft_model_speculation(name):
+    model = TinyLM(**SERVED[name]).eval()
+    draft = TinyLM(**SERVED[name], layers=1).eval()  # same embedding and first block: right often, not always
+    for spec in ({"method": "ngram", "num_speculative_tokens": 3},
+                 {"method": "draft_model", "model": draft, "num_speculative_tokens": 3}):
+        llm = _served_exactly(model, speculative_config=spec)
+        assert llm.spec_stats.num_verify_steps > 0
