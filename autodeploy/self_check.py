@@ -97,6 +97,13 @@ def _row_error(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> tupl
     return diff.pow(2).mean().sqrt().item() / max(spread, 1e-6), LOW_PRECISION_RMS[dtype]
 
 
+def _first_tensor(out) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    return next((o for o in items if isinstance(o, torch.Tensor)), None)
+
+
 @torch.no_grad()
 def _reference(model: nn.Module, tokens: list[list[int]], device, hooks: dict[str, nn.Module] | None = None):
     """The model's own uncached forward over each request: logits [len, vocab] per request, and
@@ -108,10 +115,7 @@ def _reference(model: nn.Module, tokens: list[list[int]], device, hooks: dict[st
         handles = []
         for name, module in (hooks or {}).items():
             def hook(mod, args, out, name=name):
-                t = out if isinstance(out, torch.Tensor) else next(
-                    (o for o in (out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ())
-                     if isinstance(o, torch.Tensor)), None)
-                seen[name] = None if name in seen else t  # a module called twice has no single output
+                seen[name] = None if name in seen else _first_tensor(out)  # called twice: no single output
             handles.append(module.register_forward_hook(hook))
         try:
             ids = torch.tensor([seq], device=device)
@@ -127,7 +131,7 @@ def _lanes(step: Step, tokens: list[list[int]], slots: list[int], pages: list[li
     return [LaneInput(tokens[r][start:start + n], start, slots[r], pages[r]) for r, start, n in step.lanes]
 
 
-def _run_probe(runner, tokens: list[list[int]], steps: list[Step], on_step: Callable | None = None):
+def _run_probe(runner, tokens: list[list[int]], steps: list[Step]):
     """Run the probe steps on ``runner`` with slots and pages of its own pools (freed after);
     returns each step's logits [lanes, vocab]."""
     pools, page_size = runner.pools, runner.sizes.page_size
@@ -137,11 +141,9 @@ def _run_probe(runner, tokens: list[list[int]], steps: list[Step], on_step: Call
         for seq in tokens:
             pages.append(pools.pages.allocate(-(-len(seq) // page_size)) if pools.pages.capacity else [])
         out = []
-        for index, step in enumerate(steps):
+        for step in steps:
             logits = runner.run(_lanes(step, tokens, slots, pages))
             out.append(logits.clone())
-            if on_step is not None:
-                on_step(index)
         return out
     finally:
         pools.slots.free(slots)
@@ -244,17 +246,9 @@ def module_outputs(gm: GraphModule) -> dict[str, Node]:
         paths = _module_paths(node)
         for path in paths:
             if any(u.op == "output" or path not in _module_paths(u) for u in node.users):
-                out.pop(path, None)
                 out[path] = node
-    return dict(sorted(out.items(), key=lambda kv: _index(gm)[kv[1]]))
-
-
-def _index(gm: GraphModule, _cache: dict = {}) -> dict[Node, int]:  # noqa: B006  (per-graph memo)
-    key = id(gm.graph)
-    if key not in _cache or len(_cache[key]) != len(gm.graph.nodes):
-        _cache.clear()
-        _cache[key] = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return _cache[key]
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return dict(sorted(out.items(), key=lambda kv: index[kv[1]]))
 
 
 class _Recorder(Interpreter):

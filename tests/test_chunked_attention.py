@@ -62,7 +62,8 @@ def test_llama4_text_layers_served_exactly():
     tokens on 4 lanes, prefills in chunks of 16 tokens across chunk boundaries)."""
     model = llama4()
     llm = LLM(model, **ENGINE)
-    chunked = [op_kwargs(n)["attention_chunk"] for n in op_nodes(llm.gm, torch.ops.autodeploy.torch_cached_attention.default)]
+    cached = op_nodes(llm.gm, torch.ops.autodeploy.torch_cached_attention.default)
+    chunked = [op_kwargs(n)["attention_chunk"] for n in cached]
     assert chunked == [8, 8, 8, 0]
     got = _served(llm, model, greedy_uncached)
     ps = prompts((3, 11, 20, 29))
@@ -100,7 +101,8 @@ def test_chunked_attention_exact_under_speculation(spec):
     if spec["method"] == "draft_model":
         spec = {**spec, "model": TinyLM(mask="chunked", seed=0, layers=1).eval()}
     ps = prompts((5, 20, 29)) + [[7, 8, 9, 10] * 5]  # a repetition for the n-gram drafter to find
-    plain = LLM(model, **ENGINE).generate([{"prompt_token_ids": p} for p in ps], SamplingParams(max_tokens=12, ignore_eos=True))
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    plain = LLM(model, **ENGINE).generate([{"prompt_token_ids": p} for p in ps], params)
     llm = LLM(model, speculative_config=spec, **ENGINE)
     got = llm.generate([{"prompt_token_ids": p} for p in ps], SamplingParams(max_tokens=12, ignore_eos=True))
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in plain]

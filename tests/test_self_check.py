@@ -3,8 +3,6 @@ runner against the model's own forward. It must catch what a cached engine would
 name the first module whose output differs, stay quiet on correct models in every dtype, and be
 cheap."""
 
-import time
-
 import pytest
 import torch
 
