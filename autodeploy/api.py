@@ -24,6 +24,7 @@ from autodeploy.runtime.engine import Engine
 from autodeploy.runtime.pools import PoolSizes, full_pages_within
 from autodeploy.runtime.runner import COMPILE_MODES, GraphRunner, default_capture_sizes
 from autodeploy.runtime.sampling import SamplingParams
+from autodeploy.self_check import self_check
 from autodeploy.runtime.speculative import DraftModelDrafter, Drafter, NgramDrafter, SpecDecodingStats
 from autodeploy.text import TextStream, chat_prompt_ids, text_prompt_ids
 from autodeploy.transforms.pipeline import PERF_TRANSFORMS, cached_pipeline, run_pipeline
@@ -68,6 +69,9 @@ class DeployConfig:
     the linear layer it feeds as one op), "fuse_norm_add_norm" (a norm, the residual add and the
     next norm as one op), "fuse_norm_rope" (per-head q/k norms and RoPE as one op),
     e.g. {"fuse_projections": False}.
+    self_check: before serving, run a short probe (two requests, chunked prefill, decode steps)
+    through the engine and compare its logits with the model's own forward; a mismatch is an error
+    naming the first module whose output differs (autodeploy/self_check.py).
     """
 
     max_batch_size: int = 8
@@ -86,6 +90,7 @@ class DeployConfig:
     speculative_config: dict | None = None
     tensor_parallel_size: int = field(default_factory=distributed.launched_world_size)
     perf_transforms: dict[str, bool] | None = None
+    self_check: bool = True
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_seq_len", "page_size", "max_num_tokens", "tensor_parallel_size"):
@@ -176,6 +181,30 @@ class RequestOutput:
     spec_stats: SpecDecodingStats | None = None  # with speculative decoding: drafts proposed/accepted
 
 
+def _check_device_usable(device: str) -> None:
+    """A CUDA device asked for on a machine without a usable GPU is a clear error (torch itself
+    raises a bare AssertionError deep inside the first tensor move)."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        why = ("this torch build has no CUDA support" if torch.version.cuda is None
+               else "no CUDA device is visible (driver, CUDA_VISIBLE_DEVICES)")
+        raise ValueError(f"device={device!r} needs a usable GPU, but {why} (torch {torch.__version__}); "
+                         "use device='cpu'")
+
+
+def _check_config_json(path: str) -> None:
+    """config.json must be a JSON object: a corrupt one is reported as such, not as a loader error."""
+    import json
+
+    file = os.path.join(path, "config.json")
+    try:
+        with open(file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e}): the checkpoint's config is corrupt") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} holds a JSON {type(config).__name__}, not an object: the checkpoint's config is corrupt")
+
+
 def _load(model: nn.Module | str | os.PathLike, dtype: torch.dtype):
     if isinstance(model, nn.Module):
         return model, None
@@ -184,6 +213,7 @@ def _load(model: nn.Module | str | os.PathLike, dtype: torch.dtype):
         raise FileNotFoundError(f"model directory {path!r} does not exist")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path!r} has no config.json: not a transformers checkpoint directory")
+    _check_config_json(path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -214,6 +244,7 @@ def _cached_graph(model: nn.Module, cfg: DeployConfig):
     if cfg.tensor_parallel_size > 1:  # on the plain exported graph, before fusions and caches
         names = (*names[:1], "shard_tensor_parallel", *names[1:])
     options = {
+        "match_attention": {"unmatched": "error"},  # a layer left as exported would see one step's tokens
         "insert_cached_attention": {"page_size": cfg.page_size, "max_num_tokens": cfg.max_num_tokens,
                                     "backend": chosen["attention"]},
         "insert_cached_ssm": {"backend": chosen["ssm"], "max_draft_tokens": cfg.num_speculative_tokens},
@@ -247,6 +278,7 @@ class LLM:
 
     def __init__(self, model: nn.Module | str | os.PathLike, tokenizer: Any = None, **config: Any):
         self.config = DeployConfig.from_kwargs(**config)
+        _check_device_usable(self.config.device)
         if self.config.tensor_parallel_size > 1:  # joins torchrun's process group; cuda -> cuda:LOCAL_RANK
             self.config.device = distributed.init(self.config.tensor_parallel_size, self.config.device)
         dtype = DTYPES[self.config.dtype]
@@ -270,6 +302,8 @@ class LLM:
         self.engine = Engine(self._runner(self.gm, sizes), sizes, vocab, _eos_token_ids(self.model), cfg.device,
                              self.drafter)
         self.engine.checked = cfg.checked
+        if cfg.self_check:
+            self._self_check(dtype)
         self.build_seconds = time.perf_counter() - start
         self.spec_stats = SpecDecodingStats() if self.drafter is not None else None
         logger.info("backends: %s", self.gm.meta["autodeploy_backends"])
@@ -279,9 +313,21 @@ class LLM:
                     else "", {pool: f"{b / 2**20:.1f} MiB" for pool, b in self.cache_bytes().items()},
                     sizes.num_full_pages, cfg.page_size)
 
-    def _graph(self, model: nn.Module):
+    def _self_check(self, dtype: torch.dtype) -> None:
+        """The engine (and a draft model's) against the model's own forward: autodeploy/self_check.py."""
+        if self.config.tensor_parallel_size > 1 and str(self._build_device) != str(self.config.device):
+            logger.info("self-check skipped: under tensor parallelism on GPUs the unsharded reference forward "
+                        "would run on the host")
+            return
+        plain = dataclasses.replace(self.config, perf_transforms=dict.fromkeys(PERF_TRANSFORMS, False))
+        self_check(self.model, self.engine.runner, dtype, lambda: self._graph(self.model, plain)[0])
+        if isinstance(self.drafter, DraftModelDrafter):
+            self_check(self.draft_model, self.drafter.runner, dtype, lambda: self._graph(self.draft_model, plain)[0],
+                       what="the draft model's engine")
+
+    def _graph(self, model: nn.Module, cfg: DeployConfig | None = None):
         """The cached graph of ``model`` on the engine's device (built where the model is)."""
-        gm, infos = _cached_graph(model, self.config)
+        gm, infos = _cached_graph(model, cfg or self.config)
         if str(self._build_device) != str(self.config.device):
             move_graph_module(gm, self.config.device)
         return gm, infos

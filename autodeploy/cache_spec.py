@@ -31,12 +31,17 @@ def swa_pool(window: int) -> str:
     return f"kv_swa_{window}"
 
 
+def chunk_pool(chunk: int) -> str:
+    """Block-local (chunked) attention layers with chunk C: per-slot rings bounded like a window of C."""
+    return f"kv_chunk_{chunk}"
+
+
 @dataclass(frozen=True)
 class CacheSpec:
     """One cache tensor of the graph.
 
     kind "kv": a paged K or V pool, shape [pages, page_size, *shape]; pool names which pool
-    ("kv_full" or "kv_swa_<W>") sizes it. kind "state": per-slot state, shape [slots, *shape].
+    ("kv_full", "kv_swa_<W>" or "kv_chunk_<C>") sizes it; window is the ring's bound (W, or C). kind "state": per-slot state, shape [slots, *shape].
     """
 
     name: str

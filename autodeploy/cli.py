@@ -139,7 +139,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     sg = run.add_argument_group("sampling (vLLM's SamplingParams)")
     sg.add_argument("--max-tokens", type=int, metavar="N", help="new tokens per prompt (default 16; demo 24)")
     sg.add_argument("--temperature", type=float, metavar="T", help="0 = greedy (default)")
-    sg.add_argument("--top-k", type=int, metavar="K", help="keep the K most likely tokens (0 = off)")
+    sg.add_argument("--top-k", type=int, metavar="K", help="keep the K most likely tokens (0 or -1 = off)")
     sg.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling (1.0 = off)")
     sg.add_argument("--seed", type=int, help="per-request sampling seed")
     sg.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
@@ -216,6 +216,16 @@ def _with_default_command(argv: list[str]) -> list[str]:
     if i < len(argv) and (argv[i] in COMMANDS or argv[i] in ("-h", "--help", "--version")):
         return argv
     return [*argv[:i], "run", *argv[i:]]
+
+
+def _unknown_command(argv: list[str]) -> str | None:
+    """The word where the command goes, if it is not an option and names no command."""
+    i = 0
+    while i < len(argv) and argv[i] in ("-v", "--verbose", "--debug"):
+        i += 1
+    if i < len(argv) and not argv[i].startswith("-") and argv[i] not in COMMANDS:
+        return argv[i]
+    return None
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -676,9 +686,13 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
-    argv = _with_default_command(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser, subs = build_parser()
     try:
+        word = _unknown_command(argv)
+        if word is not None:  # run takes no positional argument: a word there is a mistyped command
+            parser.error(f"unknown command {word!r}; commands: {', '.join(COMMANDS)} (none given: run)")
+        argv = _with_default_command(argv)
         args, extra = parser.parse_known_args(argv)
         if extra and extra[0] == "--":
             extra = extra[1:]

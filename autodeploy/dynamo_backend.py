@@ -152,7 +152,8 @@ STATS = Stats()
 # ----------------------------------------------------------------------------------------------
 
 
-def sdpa_attention(q, k, v, scale: float, sliding_window: int = 0, soft_cap: float = 0.0, sinks=None):
+def sdpa_attention(q, k, v, scale: float, sliding_window: int = 0, soft_cap: float = 0.0, sinks=None,
+                   attention_chunk: int = 0):
     """``autodeploy::attention`` through ``F.scaled_dot_product_attention`` (no soft-cap, no sinks).
 
     q: [b, sq, hq, d]; k, v: [b, skv, hkv, d]; queries aligned to the end of the keys.
@@ -160,12 +161,14 @@ def sdpa_attention(q, k, v, scale: float, sliding_window: int = 0, soft_cap: flo
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     sq, skv = q.shape[1], k.shape[1]
     gqa = q.shape[2] != k.shape[2]
-    if sliding_window > 0 or sq != skv:
+    if sliding_window > 0 or attention_chunk > 0 or sq != skv:
         q_pos = torch.arange(skv - sq, skv, device=q.device)[:, None]
         k_pos = torch.arange(skv, device=q.device)[None, :]
         mask = k_pos <= q_pos
         if sliding_window > 0:
             mask = mask & (k_pos > q_pos - sliding_window)
+        if attention_chunk > 0:
+            mask = mask & (k_pos // attention_chunk == q_pos // attention_chunk)
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=gqa)
     else:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)

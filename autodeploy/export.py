@@ -29,6 +29,7 @@ import torch.nn as nn
 from torch.fx import GraphModule
 
 import autodeploy.custom_ops  # noqa: F401  (registers the ops)
+from autodeploy.calling_convention import CallingConventionError, ForwardCall
 from autodeploy.fx_utils import owning_module
 
 logger = logging.getLogger(__name__)
@@ -58,10 +59,16 @@ class LogitsOnly(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model  # attribute name = fx_utils.EXPORT_ROOT
+        try:
+            self.call = ForwardCall(model)  # what the forward accepts: calling_convention.py
+        except CallingConventionError as e:
+            raise ExportError(str(e)) from None
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-        return out if isinstance(out, torch.Tensor) else out.logits
+        try:
+            return self.call(self.model, input_ids, position_ids)
+        except CallingConventionError as e:
+            raise ExportError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,11 +181,41 @@ def _hf_attention(module, query, key, value, attention_mask, dropout=0.0, scalin
         sliding_window = getattr(module, "sliding_window", None)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     _AttentionCounter.calls += 1
+    chunk = _attention_chunk(module)
     out = torch.ops.autodeploy.attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), float(scale),
-        int(sliding_window or 0), float(softcap or 0.0), sinks,
+        int(sliding_window or 0), float(softcap or 0.0), sinks, *((chunk,) if chunk else ()),
     )
     return out, None
+
+
+def _attention_chunk(module: nn.Module) -> int:
+    """The block size of a block-local ("chunked_attention") layer, as Llama 4's local layers name it
+    in ``config.layer_types`` (they express it only through the mask, which a custom attention
+    interface does not receive); 0 for any other layer."""
+    config = getattr(module, "config", None)
+    layer_types, index = getattr(config, "layer_types", None), getattr(module, "layer_idx", None)
+    if layer_types is None or index is None or layer_types[index] != "chunked_attention":
+        return 0
+    chunk = getattr(config, "attention_chunk_size", None)
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ExportError(f"{type(module).__name__} layer {index} is 'chunked_attention' but attention_chunk_size "
+                          f"is {chunk!r}")
+    return chunk
+
+
+def _check_position_free_attention(model: nn.Module, max_seq_len: int) -> None:
+    """Llama 4's no-RoPE layers scale queries by a temperature computed from ``arange(seq_len)``,
+    not from ``position_ids``; it is 1 (no effect) below position ``floor_scale - 1``. A cached
+    engine feeds a step's tokens at other positions, so beyond that it would be wrong: refused."""
+    for name, m in model.named_modules():
+        floor_scale = getattr(m, "floor_scale", None)
+        if getattr(m, "attn_temperature_tuning", False) and hasattr(m, "use_rope") and not m.use_rope \
+                and isinstance(floor_scale, (int, float)) and max_seq_len > floor_scale - 1:
+            raise ExportError(
+                f"{name} ({type(m).__name__}) scales its queries by a temperature computed from arange(seq_len) "
+                f"instead of position_ids, which changes from position {int(floor_scale) - 1} (floor_scale "
+                f"{floor_scale}); a cached engine cannot reproduce it there: use max_seq_len <= {int(floor_scale) - 1}")
 
 
 def _all_attention_causal(model: nn.Module) -> bool:
@@ -276,7 +313,8 @@ def _strip_metadata_asserts(gm: GraphModule) -> None:
 def _probe_length(model: nn.Module, max_seq_len: int) -> int:
     """Long enough to cross the model's sliding window (when its config names one that is small
     enough to probe cheaply), so a window lost in export shows up as a numeric difference."""
-    window = getattr(getattr(model, "config", None), "sliding_window", None) or 0
+    config = getattr(model, "config", None)
+    window = max(getattr(config, "sliding_window", None) or 0, getattr(config, "attention_chunk_size", None) or 0)
     return min(max_seq_len, 64 + (window if window <= 4096 else 0))
 
 
@@ -325,6 +363,7 @@ def export_model(
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
     example_len = max(2, min(example_len, max_seq_len))
+    _check_position_free_attention(model, max_seq_len)
     was_training = model.training
     model.eval()
     device = next(iter(model.parameters()), torch.empty(0)).device

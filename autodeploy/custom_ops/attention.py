@@ -3,8 +3,10 @@
 Causal attention over one contiguous sequence per batch row, in the layout the model produced
 (``[batch, seq, heads, head_dim]``), so no transpose or ``repeat_kv`` has to stay in the graph.
 Everything that changes the math is an argument: GQA/MQA (by head ratio), scale, sliding window
-(HF convention: query ``i`` sees keys ``i-W+1 .. i``), logit soft-cap ``tanh(s/c)*c`` and attention
-sinks (one learned logit per head added to the softmax denominator). Transforms match this op;
+(HF convention: query ``i`` sees keys ``i-W+1 .. i``), logit soft-cap ``tanh(s/c)*c``, attention
+sinks (one learned logit per head added to the softmax denominator) and block-local ("chunked")
+attention (chunk C: query ``i`` sees the keys of its own block ``C*(i//C) .. i``, Llama 4's local
+layers). Transforms match this op;
 cache insertion replaces it with a cached op of the same semantics.
 """
 
@@ -23,6 +25,7 @@ def attention_reference(
     sliding_window: int = 0,
     soft_cap: float = 0.0,
     sinks: torch.Tensor | None = None,
+    attention_chunk: int = 0,
 ) -> torch.Tensor:
     """Torch reference, computed in float32 (float64 if the inputs are float64).
 
@@ -31,6 +34,8 @@ def attention_reference(
     sliding_window: W > 0 limits each query to its last W keys (itself included); 0 = no window.
     soft_cap: c > 0 applies tanh(s / c) * c to the scaled logits; 0 = off.
     sinks: [hq] extra per-head logits that join the softmax denominator only.
+    attention_chunk: C > 0 limits each query to the keys of its own block of C positions (block
+    boundaries at multiples of C, counted from key 0); 0 = off.
     Returns [b, sq, hq, d] in q's dtype.
     """
     b, sq, hq, d = q.shape
@@ -50,6 +55,8 @@ def attention_reference(
     allowed = k_pos <= q_pos
     if sliding_window > 0:
         allowed = allowed & (k_pos > q_pos - sliding_window)
+    if attention_chunk > 0:
+        allowed = allowed & (k_pos // attention_chunk == q_pos // attention_chunk)
     scores = scores.masked_fill(~allowed, float("-inf"))
     if sinks is not None:
         sink = sinks.to(compute).view(1, hkv, group, 1, 1).expand(b, hkv, group, sq, 1)
@@ -69,11 +76,12 @@ def attention(
     sliding_window: int = 0,
     soft_cap: float = 0.0,
     sinks: torch.Tensor | None = None,
+    attention_chunk: int = 0,
 ) -> torch.Tensor:
     """Causal attention; see :func:`attention_reference` for shapes and semantics."""
-    return attention_reference(q, k, v, scale, sliding_window, soft_cap, sinks)
+    return attention_reference(q, k, v, scale, sliding_window, soft_cap, sinks, attention_chunk)
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, scale, sliding_window=0, soft_cap=0.0, sinks=None):
+def _attention_fake(q, k, v, scale, sliding_window=0, soft_cap=0.0, sinks=None, attention_chunk=0):
     return q.new_empty(q.shape)  # the real op returns a contiguous tensor

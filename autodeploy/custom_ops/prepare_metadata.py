@@ -42,6 +42,7 @@ def prepare_attention_metadata(
     page_size: int,
     window: int,
     ring_pages: int,
+    attention_chunk: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention metadata for one pool.
 
@@ -49,6 +50,8 @@ def prepare_attention_metadata(
     page_table: [B, P] int32 physical pages of the full-attention pool.
     window = 0: full attention over ``page_table``. window = W > 0: the sliding-window pool, where
     slot s owns pages s*R .. s*R+R-1 (R = ``ring_pages``) and logical page p lives at s*R + p % R.
+    attention_chunk = C > 0 (with window = C, the ring's bound): block-local attention; the first
+    key a query of the step can see is the start of the first query's block, C * (cached // C).
     Returns (all int64):
       write_idx [T]     flat cache row (page * page_size + offset) each new token's K/V goes to
       kv_start [B]      first key position a query of this step can see (0 for full attention)
@@ -81,7 +84,10 @@ def attention_metadata_reference(input_ids, seq_lens, cached_lens, slots, page_t
     else:
         ring_base = slots.long() * ring_pages
         phys = ring_base[lane] + logical_page % ring_pages
-        kv_start = torch.clamp_min(cached - window + 1, 0)  # the window's first key, not an index
+        if attention_chunk > 0:  # the first query's block start: within W - 1 = C - 1 keys, like a window
+            kv_start = cached // attention_chunk * attention_chunk
+        else:
+            kv_start = torch.clamp_min(cached - window + 1, 0)  # the window's first key, not an index
         first_page = kv_start // page_size
         steps = torch.arange(ring_pages, device=slots.device)
         page_list = ring_base[:, None] + (first_page[:, None] + steps[None, :]) % ring_pages
@@ -89,7 +95,7 @@ def attention_metadata_reference(input_ids, seq_lens, cached_lens, slots, page_t
 
 
 @prepare_attention_metadata.register_fake
-def _(input_ids, seq_lens, cached_lens, slots, page_table, page_size, window, ring_pages):
+def _(input_ids, seq_lens, cached_lens, slots, page_table, page_size, window, ring_pages, attention_chunk=0):
     T, B = input_ids.shape[-1], seq_lens.shape[0]
     pk = page_table.shape[1] if window <= 0 else ring_pages
     i64 = dict(dtype=torch.int64)

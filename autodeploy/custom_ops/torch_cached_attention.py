@@ -30,10 +30,13 @@ def torch_cached_attention(
     sliding_window: int,
     soft_cap: float,
     sinks: torch.Tensor | None,
+    attention_chunk: int = 0,
 ) -> torch.Tensor:
     """q: [1, T, hq, d]; k, v: [1, T, hkv, d]; k_cache, v_cache: [pages, page_size, hkv, d].
 
-    Returns [1, T, hq, d]. Metadata shapes: see ``prepare_attention_metadata``.
+    Returns [1, T, hq, d]. Metadata shapes: see ``prepare_attention_metadata``. With
+    ``attention_chunk`` C, ``kv_start`` is a multiple of C (the prepare node makes it one), so the
+    block boundaries of the gathered keys are the sequence's.
     """
     page_size, hkv, d = k_cache.shape[1:]
     k_cache.view(-1, hkv, d).index_copy_(0, write_idx, k[0].to(k_cache.dtype))
@@ -50,12 +53,12 @@ def torch_cached_attention(
         values = v_cache[pages].reshape(-1, hkv, d)[starts[lane] - first: ends[lane] - first]
         out[:, cu[lane]:cu[lane + 1]] = attention_reference(
             q[:, cu[lane]:cu[lane + 1]], keys[None].to(q.dtype), values[None].to(q.dtype),
-            scale, sliding_window, soft_cap, sinks,
+            scale, sliding_window, soft_cap, sinks, attention_chunk,
         )
     return out
 
 
 @torch_cached_attention.register_fake
 def _(q, k, v, k_cache, v_cache, write_idx, kv_start, kv_len, page_list, cu_seqlens, scale,
-      sliding_window, soft_cap, sinks):
+      sliding_window, soft_cap, sinks, attention_chunk=0):
     return torch.empty_like(q)

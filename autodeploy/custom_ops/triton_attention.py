@@ -4,7 +4,7 @@ Same signature and semantics as ``autodeploy::torch_cached_attention`` (the orac
 launch attends every lane of the step at once, decode and prefill mixed, instead of a host loop.
 Each program takes a block of one lane's queries times the query heads that share one KV head
 (GQA/MQA), gathers that lane's keys through ``page_list`` and runs an online softmax in float32
-with the causal mask, sliding window, soft-cap and sinks. The grid comes from tensor shapes and each
+with the causal mask, sliding window, block-local chunks, soft-cap and sinks. The grid comes from tensor shapes and each
 program finds its lane from ``cu_seqlens`` itself, so the op never syncs with the host (CUDA-graph
 safe) and adds no small torch kernels per layer besides the two KV writes. Decode
 steps split each block's keys over several programs and merge their softmax pieces in a second
@@ -35,7 +35,7 @@ def _paged_attention_kernel(
     stride_cp, stride_co, stride_ch, stride_cd,
     stride_pl, stride_pp,
     part_acc_ptr, part_m_ptr, part_l_ptr, num_tokens, num_q_heads,
-    scale, sliding_window, soft_cap,
+    scale, sliding_window, soft_cap, attention_chunk,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_L: tl.constexpr,
@@ -63,6 +63,8 @@ def _paged_attention_kernel(
     lo_row = kv_start + tl.zeros_like(pos)  # first key each row may see
     if sliding_window > 0:
         lo_row = tl.maximum(lo_row, pos - sliding_window + 1)
+    if attention_chunk > 0:  # block-local: from the start of the row's own block
+        lo_row = tl.maximum(lo_row, pos - pos % attention_chunk)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
 
@@ -168,6 +170,7 @@ def triton_cached_attention(
     sliding_window: int,
     soft_cap: float,
     sinks: torch.Tensor | None,
+    attention_chunk: int = 0,
 ) -> torch.Tensor:
     """q: [1, T, hq, d]; k, v: [1, T, hkv, d]; k_cache, v_cache: [pages, page_size, hkv, d].
 
@@ -205,7 +208,7 @@ def triton_cached_attention(
         cu_seqlens, kv_start, kv_len, page_list, num_lanes,
         *q[0].stride(), *out[0].stride(), *k_cache.stride(), *page_list.stride(),
         part_acc, part_m, part_l, num_tokens, hq,
-        scale, sliding_window, soft_cap,
+        scale, sliding_window, soft_cap, attention_chunk,
         HEAD_DIM=d, PAGE_SIZE=page_size, GROUP=group, BLOCK_G=block_g, BLOCK_Q=block_q,
         BLOCK_N=64 if d <= 128 else 32,  # keys map to pages one by one: a block may span pages
         BLOCK_D=block_d, BLOCK_L=max(2, triton.next_power_of_2(num_lanes)),
@@ -239,5 +242,5 @@ def num_key_splits(num_tokens: int, num_lanes: int, max_keys: int) -> int:
 
 @triton_cached_attention.register_fake
 def _(q, k, v, k_cache, v_cache, write_idx, kv_start, kv_len, page_list, cu_seqlens, scale,
-      sliding_window, soft_cap, sinks):
+      sliding_window, soft_cap, sinks, attention_chunk=0):
     return torch.empty_like(q)

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 @dataclass
 class SamplingParams:
-    """temperature 0 means greedy. top_k 0 / top_p 1.0 disable those filters. ``stop``: strings
-    that end the output (not included in it; needs a tokenizer), a str or a list of them."""
+    """temperature 0 means greedy. top_k 0 or -1 / top_p 1.0 disable those filters (vLLM's
+    conventions; -1 is stored as 0). ``stop``: strings that end the output (not included in it;
+    needs a tokenizer), a str or a list of them. Every field is checked here, with a one-line
+    ValueError."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -27,14 +38,26 @@ class SamplingParams:
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be a non-empty str or a list of them, got {self.stop!r}")
         self.stop = list(self.stop)
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive int, got {self.max_tokens!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise ValueError(f"top_k must be an int >= 1, or 0 / -1 for off, got {self.top_k!r}")
+        self.top_k = max(self.top_k, 0)
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1] (1 = off), got {self.top_p!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not -2**63 <= self.seed < 2**63):
+            raise ValueError(f"seed must be an int in [-2**63, 2**63) or None, got {self.seed!r}")
+        if _is_int(self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be a list of token ids, got the int {self.stop_token_ids}; "
+                             f"write [{self.stop_token_ids}]")
+        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
+                _is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be a list of non-negative int token ids, got {self.stop_token_ids!r}")
+        self.stop_token_ids = list(self.stop_token_ids)
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
 
 
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

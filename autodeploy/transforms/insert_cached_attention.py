@@ -12,7 +12,8 @@ After (one prepare node per pool, shared by the layers that use it)::
 
 Full-attention layers (W = 0) share the paged pool addressed by ``page_table``; sliding-window
 layers with window W use a pool of per-slot rings bounded by W and the step's token budget, not by
-the sequence length. Raw inputs and caches become graph inputs; specs go to
+the sequence length; block-local (chunked) layers with chunk C likewise, rings bounded by C (a
+query never sees more than the C - 1 keys before it). Raw inputs and caches become graph inputs; specs go to
 ``gm.meta["autodeploy_caches"]``. The flashinfer op takes one argument more, the id of its host half
 (``plan()``), whose spec goes to ``gm.meta["autodeploy_attention_plans"]``.
 """
@@ -26,7 +27,7 @@ import torch
 from torch.fx import GraphModule
 
 from autodeploy.backends import cached_op
-from autodeploy.cache_spec import POOL_FULL, RAW_INPUTS, CacheSpec, swa_pool
+from autodeploy.cache_spec import POOL_FULL, RAW_INPUTS, CacheSpec, chunk_pool, swa_pool
 from autodeploy.custom_ops.flashinfer_attention import AttentionPlanSpec, new_plan_id
 from autodeploy.custom_ops.prepare_metadata import swa_ring_pages
 from autodeploy.fx_utils import graph_input, op_kwargs, op_nodes
@@ -50,6 +51,11 @@ class InsertCachedAttention(Transform):
 
     def apply(self, gm: GraphModule, info: TransformInfo) -> None:
         cfg = self.config
+        if cfg.backend == "flashinfer":  # before importing it: the refusal does not depend on it being installed
+            chunked = [n.name for n in op_nodes(gm, ATTENTION) if int(op_kwargs(n)["attention_chunk"]) > 0]
+            if chunked:
+                raise ValueError(f"{self.name}: the flashinfer backend has no block-local (chunked) attention "
+                                 f"({', '.join(chunked)}); use attn_backend='triton' or 'torch'")
         cached_attention = cached_op("attention", cfg.backend)
         if cfg.page_size <= 0 or cfg.max_num_tokens <= 0:
             raise ValueError(f"{self.name}: page_size and max_num_tokens must be positive, got {cfg}")
@@ -60,44 +66,50 @@ class InsertCachedAttention(Transform):
         input_ids = next(n for n in graph.nodes if n.op == "placeholder")
         raw = {name: graph_input(gm, name) for name in RAW_INPUTS}
         specs: list[CacheSpec] = gm.meta.setdefault("autodeploy_caches", [])
-        prepared: dict[int, list[torch.fx.Node]] = {}
-        ring_pages_of: dict[int, int] = {}
+        prepared: dict[tuple[int, int], list[torch.fx.Node]] = {}  # by (ring bound, chunk)
+        ring_pages_of: dict[tuple[int, int], int] = {}
         plans = gm.meta.setdefault("autodeploy_attention_plans", {}) if cfg.backend == "flashinfer" else None
         plan_ids: dict[AttentionPlanSpec, int] = {}
         export_meta = gm.meta.get("autodeploy")
         full_pages = -(-export_meta.max_seq_len // cfg.page_size) if export_meta is not None else None
         for index, node in enumerate(nodes):
             kw = op_kwargs(node)
-            op_window = int(kw["sliding_window"])
-            # a ring only where it is smaller than a full-length page list (a window at least as
-            # long as max_seq_len never binds: the layer shares the full pool, same numbers)
-            window = op_window
+            op_window, op_chunk = int(kw["sliding_window"]), int(kw["attention_chunk"])
+            if op_window > 0 and op_chunk > 0:
+                raise ValueError(f"{self.name}: {node.name} has both a sliding window ({op_window}) and attention "
+                                 f"chunks ({op_chunk}); no cache pool serves that combination")
+            # a ring only where it is smaller than a full-length page list (a window or chunk at
+            # least as long as max_seq_len never binds: the layer shares the full pool, same numbers)
+            window = op_window or op_chunk  # the ring's bound
             if window > 0 and full_pages is not None and swa_ring_pages(window, cfg.max_num_tokens,
                                                                          cfg.page_size) >= full_pages:
                 window = 0
+            chunk = op_chunk if window > 0 else 0  # what the prepare node needs to know
             k_val = kw["k"].meta.get("val")
             hkv, head_dim = k_val.shape[2], k_val.shape[3]
-            pool = swa_pool(window) if window > 0 else POOL_FULL
+            pool = (chunk_pool(window) if chunk else swa_pool(window)) if window > 0 else POOL_FULL
             caches = []
             for which in ("k", "v"):
                 name = f"{which}_cache_{index}"
                 specs.append(CacheSpec(name, "kv", pool, (hkv, head_dim), k_val.dtype, window))
                 caches.append(graph_input(gm, name))
             with graph.inserting_before(node):
-                if window not in prepared:
+                key = (window, chunk)
+                if key not in prepared:
                     ring = swa_ring_pages(window, cfg.max_num_tokens, cfg.page_size) if window > 0 else 0
-                    ring_pages_of[window] = ring
+                    ring_pages_of[key] = ring
                     prep = graph.call_function(PREPARE, (
                         input_ids, *(raw[n] for n in ("seq_lens", "cached_lens", "slots", "page_table")),
-                        cfg.page_size, window, ring))
-                    prepared[window] = [graph.call_function(operator.getitem, (prep, i)) for i in range(5)]
-                meta = prepared[window]
+                        cfg.page_size, window, ring, *((chunk,) if chunk else ())))
+                    prepared[key] = [graph.call_function(operator.getitem, (prep, i)) for i in range(5)]
+                meta = prepared[key]
                 cached = graph.call_function(
                     cached_attention,
-                    (kw["q"], kw["k"], kw["v"], *caches, *meta, kw["scale"], op_window, kw["soft_cap"], kw["sinks"]),
+                    (kw["q"], kw["k"], kw["v"], *caches, *meta, kw["scale"], op_window, kw["soft_cap"], kw["sinks"],
+                     *((op_chunk,) if op_chunk else ())),
                 )
             if plans is not None:  # flashinfer: one more argument, the id of the host half that plans it
-                spec = AttentionPlanSpec(cfg.page_size, window, ring_pages_of[window], op_window, float(kw["scale"]),
+                spec = AttentionPlanSpec(cfg.page_size, window, ring_pages_of[(window, chunk)], op_window, float(kw["scale"]),
                                          float(kw["soft_cap"]), kw["q"].meta["val"].shape[2], hkv, head_dim,
                                          k_val.dtype)
                 if kw["sinks"] is not None:

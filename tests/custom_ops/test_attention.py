@@ -9,7 +9,7 @@ import autodeploy  # noqa: F401
 from autodeploy.custom_ops.attention import attention_reference
 
 
-def loop_reference(q, k, v, scale, window=0, soft_cap=0.0, sinks=None):
+def loop_reference(q, k, v, scale, window=0, soft_cap=0.0, sinks=None, chunk=0):
     """One query and one head at a time, float64, written from the definition."""
     q, k, v = q.double(), k.double(), v.double()
     b, sq, hq, d = q.shape
@@ -21,6 +21,8 @@ def loop_reference(q, k, v, scale, window=0, soft_cap=0.0, sinks=None):
             for i in range(sq):
                 pos = skv - sq + i
                 lo = 0 if window <= 0 else max(0, pos - window + 1)
+                if chunk > 0:
+                    lo = pos - pos % chunk  # the start of its own block
                 keys = range(lo, pos + 1)
                 logits = [float(q[bi, i, h] @ k[bi, j, kh]) * scale for j in keys]
                 if soft_cap > 0:
@@ -81,3 +83,14 @@ def test_opcheck():
     q, k, v = torch.randn(1, 6, 4, 8), torch.randn(1, 6, 2, 8), torch.randn(1, 6, 2, 8)
     torch.library.opcheck(torch.ops.autodeploy.attention.default, (q, k, v, 0.3, 3, 2.0, torch.randn(4)))
     torch.library.opcheck(torch.ops.autodeploy.attention.default, (q, k, v, 0.3, 0, 0.0, None))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 11, 20])
+@pytest.mark.parametrize("sq", [11, 5, 1])
+def test_block_local_attention_matches_loop_reference(chunk, sq):
+    """Chunk C: a query sees the keys of its own block of C positions; queries at the end of the keys
+    (sq < skv, as in a cached step) keep their absolute positions."""
+    torch.manual_seed(chunk * 10 + sq)
+    q, k, v = torch.randn(2, sq, 4, 8), torch.randn(2, 11, 2, 8), torch.randn(2, 11, 2, 8)
+    out = torch.ops.autodeploy.attention(q, k, v, 0.35, 0, 1.5, None, chunk)
+    torch.testing.assert_close(out.double(), loop_reference(q, k, v, 0.35, 0, 1.5, chunk=chunk), atol=2e-6, rtol=2e-6)

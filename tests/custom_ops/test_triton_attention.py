@@ -20,11 +20,12 @@ PREPARE = torch.ops.autodeploy.prepare_attention_metadata.default
 HEAD_DIM = 16
 
 
-def make_step(seq_lens, cached_lens, slots, page_size, hq, hkv, window=0, dtype=torch.float32, seed=0):
+def make_step(seq_lens, cached_lens, slots, page_size, hq, hkv, window=0, dtype=torch.float32, seed=0, chunk=0):
     """Random step (q, k, v), random pools and the prepare op's metadata for it.
 
     window = 0: full-attention pool, each lane's page table is a shuffled set of physical pages
-    (page 0 is the null page, used by padded lanes). window > 0: the sliding-window ring pool.
+    (page 0 is the null page, used by padded lanes). window > 0: the sliding-window ring pool;
+    with chunk = C (and window = C, the ring's bound) the block-local layers' ring.
     """
     g = torch.Generator().manual_seed(seed)
     seq_lens, cached_lens = torch.tensor(seq_lens, dtype=torch.int32), torch.tensor(cached_lens, dtype=torch.int32)
@@ -44,7 +45,7 @@ def make_step(seq_lens, cached_lens, slots, page_size, hq, hkv, window=0, dtype=
         num_pages = sum(need) + 1
     T = int(seq_lens.sum())
     ids = torch.zeros(1, T, dtype=torch.long)
-    meta = PREPARE(ids, seq_lens, cached_lens, slots, table, page_size, window, ring)
+    meta = PREPARE(ids, seq_lens, cached_lens, slots, table, page_size, window, ring, chunk if window else 0)
 
     def rand(*shape):
         return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
@@ -54,14 +55,36 @@ def make_step(seq_lens, cached_lens, slots, page_size, hq, hkv, window=0, dtype=
     return q, k, v, k_cache, v_cache, [m.to(DEVICE) for m in meta]
 
 
-def check_against_torch(step, scale=0.25, window=0, soft_cap=0.0, sinks=None, atol=1e-5, rtol=1e-5):
+def check_against_torch(step, scale=0.25, window=0, soft_cap=0.0, sinks=None, atol=1e-5, rtol=1e-5, chunk=0):
     q, k, v, k_cache, v_cache, meta = step
-    args = (scale, window, soft_cap, sinks)
+    args = (scale, window, soft_cap, sinks, chunk)
     kc_t, vc_t = k_cache.clone(), v_cache.clone()
     expected = TORCH(q, k, v, kc_t, vc_t, *meta, *args)
     out = TRITON(q, k, v, k_cache, v_cache, *meta, *args)
     assert torch.equal(k_cache, kc_t) and torch.equal(v_cache, vc_t)  # identical writes
     torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
+    check_against_torch.pools = (k_cache, v_cache)  # after the step's writes, for a float64 reference
+    return out
+
+
+def block_local_float64(q, k_cache, v_cache, seq_lens, cached_lens, slots, page_size, ring, chunk, scale):
+    """Block-local attention written from its definition, float64, one query and head at a time:
+    query at position p sees positions p - p % C .. p, read from the slot's ring (logical page
+    x at slot * ring + x % ring) or, with ring = 0, from the lane's pages in ``ring`` order."""
+    hq, hkv, d = q.shape[2], k_cache.shape[2], q.shape[3]
+    keys_flat, values_flat = k_cache.reshape(-1, hkv, d).double().cpu(), v_cache.reshape(-1, hkv, d).double().cpu()
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    t = 0
+    for n, cached, slot in zip(seq_lens, cached_lens, slots):
+        for i in range(n):
+            pos = cached + i
+            rows = [(slot * ring + (p // page_size) % ring) * page_size + p % page_size
+                    for p in range(pos - pos % chunk, pos + 1)]
+            for h in range(hq):
+                kh = h // (hq // hkv)
+                probs = torch.softmax(keys_flat[rows, kh] @ q[0, t, h].double().cpu() * scale, 0)
+                out[0, t, h] = probs @ values_flat[rows, kh]
+            t += 1
     return out
 
 
@@ -155,3 +178,34 @@ def test_empty_step_and_opcheck():
     assert check_against_torch(step).shape == (1, 0, 4, HEAD_DIM)
     q, k, v, k_cache, v_cache, meta = make_step([1, 3], [5, 0], [1, 2], 4, hq=4, hkv=2, seed=4)
     torch.library.opcheck(TRITON, (q, k, v, k_cache, v_cache, *meta, 0.25, 0, 0.0, None))
+
+
+@pytest.mark.parametrize("page_size", [4, 8])
+@pytest.mark.parametrize("chunk", [3, 8])
+def test_block_local_ring_matches_torch_and_float64(page_size, chunk):
+    """Chunked attention on its ring: lanes whose steps cross block boundaries (cached 23 + 6 new
+    tokens across position 24), past several blocks (the ring has wrapped), decode and padded lanes."""
+    lanes = dict(seq_lens=[1, 6, 0, 4, 9], cached_lens=[23, 23, 0, 11, 40], slots=[2, 1, 0, 3, 4])
+    step = make_step(**lanes, page_size=page_size, hq=4, hkv=2, window=chunk, chunk=chunk, seed=chunk)
+    assert step[-1][1].tolist() == [c // chunk * chunk for c in lanes["cached_lens"]]  # kv_start: block starts
+    out = check_against_torch(step, chunk=chunk)
+    ring = swa_ring_pages(chunk, sum(lanes["seq_lens"]), page_size)
+    expected = block_local_float64(step[0], *check_against_torch.pools, **lanes, page_size=page_size, ring=ring,
+                                   chunk=chunk, scale=0.25)
+    torch.testing.assert_close(out.double().cpu(), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out, check_against_torch(step, window=chunk))  # a window is not a chunk
+
+
+def test_block_local_over_full_pool():
+    # a chunk on the full-attention layout (a chunk at least as long as max_seq_len): kv_start = 0
+    step = make_step(**MIXED, page_size=4, hq=4, hkv=2, seed=15)
+    check_against_torch(step, chunk=5)
+    check_against_torch(step, chunk=5, soft_cap=2.5, sinks=torch.randn(4).to(DEVICE))
+
+
+def test_block_local_bfloat16_and_split_keys(small_splits):
+    step = make_step([1, 6, 0], [23, 40, 0], [2, 1, 0], 4, hq=4, hkv=2, window=8, chunk=8,
+                     dtype=torch.bfloat16, seed=16)
+    check_against_torch(step, window=0, chunk=8, atol=2e-2, rtol=2e-2)
+    decode = make_step([1, 1, 0, 1], [46, 3, 0, 20], [1, 2, 0, 3], 4, hq=4, hkv=2, seed=17)  # split-KV, full pool
+    check_against_torch(decode, chunk=7)

@@ -109,7 +109,8 @@ def _model_steps(launches: dict) -> None:
     model = build_model("bench-hybrid-0.6b", dtype=torch.bfloat16)
     llm = LLM(model, dtype="bfloat16", device="cpu", max_batch_size=2, max_seq_len=1024, max_num_tokens=64,
               attn_backend="triton", ssm_backend="triton", compile_mode="eager",
-              speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+              speculative_config={"method": "ngram", "num_speculative_tokens": 2},
+              self_check=False)  # launches are recorded, not run: its logits would be garbage
     run = llm.engine.runner.run
     run([LaneInput(list(range(40)), 0, 1, [1, 2, 3]), LaneInput(list(range(5)), 0, 2, [4, 5, 6])])  # prefill
     run([LaneInput([7] * 20, 40, 1, [1, 2, 3]), LaneInput([3], 5, 2, [4, 5, 6])])  # chunk + decode
@@ -204,6 +205,17 @@ def _small_ops(monkeypatch) -> None:
     for cast_first in (True, False):
         triton_norm_add_norm(rows, torch.randn(2048), 1e-6, 1.0, cast_first, bf16, rows, torch.randn(2048), 1e-6, 1.0,
                              cast_first, bf16)
+    # block-local (chunked) attention on its ring (Llama 4's local layers), bf16, with a decode lane
+    from autodeploy.custom_ops.prepare_metadata import prepare_attention_metadata, swa_ring_pages
+    from autodeploy.custom_ops.triton_attention import triton_cached_attention
+
+    ring = swa_ring_pages(8192, 64, 16)
+    seq, cached, slots = (torch.tensor(v, dtype=torch.int32) for v in ([40, 1], [8180, 9000], [1, 2]))
+    attn_meta = prepare_attention_metadata(torch.zeros(1, 41, dtype=torch.long), seq, cached, slots,
+                                           torch.zeros(2, 1, dtype=torch.int32), 16, 8192, ring, 8192)
+    q, kv = torch.randn(1, 41, 40, 128, dtype=bf16), torch.randn(1, 41, 8, 128, dtype=bf16)
+    cache = torch.zeros(3 * ring, 16, 8, 128, dtype=bf16)
+    triton_cached_attention(q, kv, kv, cache, cache, *attn_meta, 128 ** -0.5, 0, 0.0, None, 8192)
     # the flashinfer SSM backend's lane split (its decode kernel is flashinfer's, not compiled here)
     from autodeploy.custom_ops.flashinfer_ssd_scan import decode_lane_inputs
 

@@ -12,6 +12,7 @@ from autodeploy import export_model
 from autodeploy.fx_utils import op_kwargs, op_nodes
 from autodeploy.models import build_model
 from autodeploy.transforms import run_pipeline
+from autodeploy.transforms.match_attention import UncacheableAttention, describe_mask
 
 from helpers import ATTENTION, LEFTOVER_ATTENTION, attention_layers, expected_windows, hf_logits, op_counts
 
@@ -138,3 +139,42 @@ def test_routed_export_leaves_nothing_to_match():
     gm = export_model(build_model("gemma2"), max_seq_len=64)
     (info,) = run_pipeline(gm, ["match_attention"])
     assert info.num_matches == 0 and not info.changed and info.details["unmatched"] == []
+
+
+@pytest.mark.parametrize("style, pattern", [
+    ("sdpa_no_mask", "bidirectional, every query sees every key"),
+    ("eager_alibi", "mask has shape \\(1, 64\\)"),
+])
+def test_unmatchable_attention_is_an_error_for_a_cached_engine(style, pattern):
+    """unmatched="error" (what the cached engine asks for): the layer and the pattern are named."""
+    torch.manual_seed(0)
+    gm = export_model(ToyAttention(style).eval(), max_seq_len=64)
+    with pytest.raises(UncacheableAttention, match=rf"<root> \(\w+\): .*{pattern}.*torch.compile"):
+        run_pipeline(gm, ["match_attention"], {"match_attention": {"unmatched": "error"}})
+
+
+class RouterSoftmax(nn.Module):
+    """A mixture-of-experts style router: a softmax over experts, not attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.router, self.head = nn.Embedding(32, 16), nn.Linear(16, 4), nn.Linear(16, 32)
+
+    def forward(self, input_ids, position_ids):
+        x = self.embed(input_ids)
+        weights = torch.softmax(self.router(x), dim=-1)
+        return self.head(x * weights.sum(-1, keepdim=True) + weights.max(-1, keepdim=True).values)
+
+
+def test_a_softmax_that_is_not_attention_is_no_error():
+    gm = export_model(RouterSoftmax().eval(), max_seq_len=16)
+    (info,) = run_pipeline(gm, ["match_attention"], {"match_attention": {"unmatched": "error"}})
+    assert info.num_matches == 0 and all(line.endswith("(not attention)") for line in info.details["unmatched"])
+
+
+def test_describe_mask_names_where_it_departs_from_causal():
+    i, j = torch.arange(10)[:, None], torch.arange(10)[None, :]
+    assert describe_mask((j <= i) & (i // 4 == j // 4)) == "query 4 sees keys 4"
+    assert describe_mask(torch.ones(10, 10, dtype=torch.bool)) == "query 0 sees later keys (keys 0..9): not causal"
+    assert describe_mask((j <= i) & (j != 1)) == "query 1 sees keys 0"
+    assert describe_mask((j <= i) & ((j != 1) | (i < 3))) == "query 3 sees keys 0, 2..3"
