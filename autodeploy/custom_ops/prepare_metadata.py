@@ -63,13 +63,13 @@ def prepare_attention_metadata(
         from autodeploy.custom_ops.triton_prepare_metadata import triton_prepare_attention_metadata
 
         return triton_prepare_attention_metadata(input_ids.shape[-1], seq_lens, cached_lens, slots, page_table,
-                                                 page_size, window, ring_pages)
+                                                 page_size, window, ring_pages, attention_chunk)
     return attention_metadata_reference(input_ids, seq_lens, cached_lens, slots, page_table, page_size, window,
-                                        ring_pages)
+                                        ring_pages, attention_chunk)
 
 
 def attention_metadata_reference(input_ids, seq_lens, cached_lens, slots, page_table, page_size: int, window: int,
-                                 ring_pages: int):
+                                 ring_pages: int, attention_chunk: int = 0):
     """``prepare_attention_metadata`` in torch ops (the CPU path and the Triton kernel's oracle)."""
     cu, lane = _token_lanes(input_ids, seq_lens)
     cached = cached_lens.long()

@@ -22,7 +22,7 @@ __all__ = ["triton_prepare_attention_metadata", "triton_prepare_ssm_metadata"]
 def _attention_metadata_kernel(
     seq_lens_ptr, cached_ptr, slots_ptr, table_ptr, write_ptr, kv_start_ptr, kv_len_ptr, pages_ptr, cu_ptr,
     num_tokens, num_lanes, table_width, table_stride_lane, table_stride_page, page_size, window, ring_pages,
-    pages_width, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
+    pages_width, attention_chunk, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     lanes = tl.arange(0, BLOCK_L)
     lane_ok = lanes < num_lanes
@@ -58,7 +58,10 @@ def _attention_metadata_kernel(
                 row = tl.load(table_ptr + rows * table_stride_lane + p * table_stride_page, mask=ok, other=0)
                 tl.store(pages_ptr + rows * pages_width + p, row.to(tl.int64), mask=ok)
         else:
-            kv_start = tl.maximum(cached - window + 1, 0)  # the window's first key, not an index
+            if attention_chunk > 0:  # block-local: the first query's block start
+                kv_start = cached // attention_chunk * attention_chunk
+            else:
+                kv_start = tl.maximum(cached - window + 1, 0)  # the window's first key, not an index
             tl.store(kv_start_ptr + lanes, kv_start, mask=lane_ok)
             first_page = (kv_start // page_size)[:, None]
             base = tl.load(slots_ptr + lanes, mask=lane_ok, other=0).to(tl.int64)[:, None] * ring_pages
@@ -69,7 +72,7 @@ def _attention_metadata_kernel(
 
 
 def triton_prepare_attention_metadata(num_tokens: int, seq_lens, cached_lens, slots, page_table, page_size: int,
-                                      window: int, ring_pages: int):
+                                      window: int, ring_pages: int, attention_chunk: int = 0):
     """(write_idx [T], kv_start [B], kv_len [B], page_list [B, Pk], cu_seqlens [B+1]), int64, as
     ``prepare_attention_metadata``; ``page_table`` may be strided (the runner's is a transposed view)."""
     lanes, width = page_table.shape
@@ -83,6 +86,7 @@ def triton_prepare_attention_metadata(num_tokens: int, seq_lens, cached_lens, sl
     _attention_metadata_kernel[(max(1, triton.cdiv(num_tokens, block_t)),)](
         seq_lens, cached_lens, slots, page_table, write, kv_start, kv_len, pages, cu,
         num_tokens, lanes, width, page_table.stride(0), page_table.stride(1), page_size, window, ring_pages, pages_width,
+        attention_chunk,
         BLOCK_T=block_t, BLOCK_L=triton.next_power_of_2(lanes), BLOCK_P=min(max(2048 // triton.next_power_of_2(lanes), 8), triton.next_power_of_2(max(pages_width, 1))),
     )
     return write, kv_start, kv_len, pages, cu

@@ -175,8 +175,8 @@ def _small_ops(monkeypatch) -> None:
 
     facts = [torch.tensor(v, dtype=torch.int32) for v in ([5, 1, 0], [0, 40, 0], [1, 2, 0])]
     table = torch.zeros(33, 3, dtype=torch.int32).T
-    for window, ring in ((0, 0), (1024, 66)):
-        triton_prepare_attention_metadata(6, *facts, table, 16, window, ring)
+    for window, ring, chunk in ((0, 0, 0), (1024, 66, 0), (8192, 517, 8192)):
+        triton_prepare_attention_metadata(6, *facts, table, 16, window, ring, chunk)
     triton_prepare_ssm_metadata(facts[0], facts[1], torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.bool))
     # autodeploy::linear's one-row kernel at bench-hybrid shapes (and a ragged K)
     from autodeploy.custom_ops.triton_gemv import triton_gemv

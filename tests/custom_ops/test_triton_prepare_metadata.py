@@ -1,5 +1,5 @@
 """The Triton prepare kernels give the torch reference's metadata exactly (interpreter on the CPU):
-full-attention and sliding-window pools, lanes of every kind (prefill, chunk, decode, verify,
+full-attention, sliding-window and block-local (chunked) pools, lanes of every kind (prefill, chunk, decode, verify,
 empty, the padding lane), a strided page table as the runner passes it."""
 
 import pytest
@@ -31,11 +31,11 @@ def _lanes(seed: int, lanes: int = 6, width: int = 7, page: int = 4):
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("window,ring", [(0, 0), (6, 5), (1, 3)])
-def test_attention_metadata_matches_the_torch_ops(seed, window, ring):
+@pytest.mark.parametrize("window,ring,chunk", [(0, 0, 0), (6, 5, 0), (1, 3, 0), (8, 6, 8)])
+def test_attention_metadata_matches_the_torch_ops(seed, window, ring, chunk):
     ids, seq, cached, slots, table, _, _ = _lanes(seed)
-    want = pm.attention_metadata_reference(ids, seq, cached, slots, table, 4, window, ring)
-    got = triton_prepare_attention_metadata(ids.shape[-1], seq, cached, slots, table, 4, window, ring)
+    want = pm.attention_metadata_reference(ids, seq, cached, slots, table, 4, window, ring, chunk)
+    got = triton_prepare_attention_metadata(ids.shape[-1], seq, cached, slots, table, 4, window, ring, chunk)
     for name, g, w in zip(("write_idx", "kv_start", "kv_len", "page_list", "cu_seqlens"), got, want):
         assert g.dtype == w.dtype and torch.equal(g, w), name
 
