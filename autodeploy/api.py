@@ -63,6 +63,7 @@ class DeployConfig:
     perf_transforms: switch graph rewrites off by name (all on by default): "match_rope",
     "match_rms_norm", "fuse_projections", "match_gated_activation", "fold_constants" (weight-only
     expressions computed once), "gather_logits" (LM head only on the rows whose logits are used),
+    "fuse_mamba_decode" (a Triton-backend Mamba2 mixer's conv, scan and gated norm in one op),
     e.g. {"fuse_projections": False}.
     """
 

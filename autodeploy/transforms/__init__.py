@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from autodeploy.transforms.base import Transform, TransformConfig, TransformInfo
 from autodeploy.transforms.fold_constants import FoldConstants
+from autodeploy.transforms.fuse_mamba_decode import FuseMambaDecode
 from autodeploy.transforms.fuse_projections import FuseProjections
 from autodeploy.transforms.gather_logits import GatherLogits
 from autodeploy.transforms.insert_cached_attention import InsertCachedAttention
@@ -28,6 +29,7 @@ TRANSFORMS: dict[str, type[Transform]] = {
     MatchGatedActivation.name: MatchGatedActivation,
     GatherLogits.name: GatherLogits,
     FoldConstants.name: FoldConstants,
+    FuseMambaDecode.name: FuseMambaDecode,
 }
 
 __all__ = [

@@ -23,14 +23,15 @@ CACHED_PIPELINE: tuple[str, ...] = ("match_attention", "insert_cached_attention"
 # the graph rewrites a serving engine wants (each switchable in DeployConfig.perf_transforms), and
 # where they go: the pattern matchers before the caches, the logits gather after
 PERF_TRANSFORMS: tuple[str, ...] = ("match_rope", "match_rms_norm", "fuse_projections", "match_gated_activation",
-                                    "fold_constants", "gather_logits")
+                                    "fold_constants", "gather_logits", "fuse_mamba_decode")
+_AFTER_CACHES = ("fuse_mamba_decode", "gather_logits")  # rewrites of the cached graph
 
 
 def cached_pipeline(perf: dict[str, bool] | None = None, checked: bool = False) -> tuple[str, ...]:
     """The cached pipeline with the performance transforms switched on in ``perf`` (default: all)."""
     on = [name for name in PERF_TRANSFORMS if (perf or {}).get(name, True)]
-    before = tuple(n for n in on if n != "gather_logits")
-    after = tuple(n for n in on if n == "gather_logits")
+    before = tuple(n for n in on if n not in _AFTER_CACHES)
+    after = tuple(n for n in _AFTER_CACHES if n in on)
     return ("match_attention", *before, "insert_cached_attention", "insert_cached_ssm", *after,
             *(("insert_index_checks",) if checked else ()))
 
