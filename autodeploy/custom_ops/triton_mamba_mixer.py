@@ -241,20 +241,23 @@ def _mamba_mixer_kernel(
     dtb = 0.0
     if HAS_DT_BIAS:
         dtb = tl.load(dt_bias_ptr + head)
-    conv = (stride_xc, stride_ss, stride_sc, stride_wc, stride_wk, KW, BLOCK_KW, HAS_BIAS)
+    # (constexprs are passed one by one: a tuple of them loses constexpr-ness when compiled)
+    conv = (stride_xc, stride_ss, stride_sc, stride_wc, stride_wk)
     wx, bx, in_x, st_x, ok_x, sok_x = _conv_setup(xbc_ptr, conv_state_ptr, w_ptr, b_ptr, slot, x_ch, offs_p, P,
-                                                  p_state, *conv)
+                                                  p_state, *conv, KW, BLOCK_KW, HAS_BIAS)
     wb, bb, in_b, st_b, ok_b, sok_b = _conv_setup(xbc_ptr, conv_state_ptr, w_ptr, b_ptr, slot, b_ch, offs_n, N,
-                                                  n_state, *conv)
+                                                  n_state, *conv, KW, BLOCK_KW, HAS_BIAS)
     wc, bc, in_c, st_c, ok_c, sok_c = _conv_setup(xbc_ptr, conv_state_ptr, w_ptr, b_ptr, slot, c_ch, offs_n, N,
-                                                  n_state, *conv)
-    token = (stride_xt, stride_sk, KW, BLOCK_KW, SILU, W_CODE, X_CODE)
+                                                  n_state, *conv, KW, BLOCK_KW, HAS_BIAS)
 
     for i in range(0, n):
         t = start + i
-        xv = _conv_token(wx, bx, in_x, st_x, ok_x, sok_x, start, i, *token)
-        Bv = _conv_token(wb, bb, in_b, st_b, ok_b, sok_b, start, i, *token)
-        Cv = _conv_token(wc, bc, in_c, st_c, ok_c, sok_c, start, i, *token)
+        xv = _conv_token(wx, bx, in_x, st_x, ok_x, sok_x, start, i, stride_xt, stride_sk,
+                         KW, BLOCK_KW, SILU, W_CODE, X_CODE)
+        Bv = _conv_token(wb, bb, in_b, st_b, ok_b, sok_b, start, i, stride_xt, stride_sk,
+                         KW, BLOCK_KW, SILU, W_CODE, X_CODE)
+        Cv = _conv_token(wc, bc, in_c, st_c, ok_c, sok_c, start, i, stride_xt, stride_sk,
+                         KW, BLOCK_KW, SILU, W_CODE, X_CODE)
         dtv = _dt_value(tl.load(dt_ptr + t * stride_dtt + head * stride_dth), dtb, dt_min, dt_max,
                         HAS_DT_BIAS, DT_SOFTPLUS, DT_CODE)
         state = state * tl.exp(dtv * A) + (dtv * xv)[:, None] * Bv[None, :]
@@ -276,7 +279,10 @@ def _mamba_mixer_kernel(
                      stride_xc, stride_xt, stride_ss, stride_sc, stride_sk, KW - 1, BLOCK_K)
 
     # the group's last program to finish: the shared B/C conv columns and the norm of every token
-    done = tl.atomic_add(counter_ptr + item * G + group, 1)
+    # every thread's reads and writes above precede the count (a scalar atomic is issued by one
+    # thread; the barrier, then its release at GPU scope, publish the whole program's work)
+    tl.debug_barrier()
+    done = tl.atomic_add(counter_ptr + item * G + group, 1, sem="acq_rel", scope="gpu")
     if done == HPG * PBLOCKS - 1:
         tl.store(counter_ptr + item * G + group, 0)  # every program of the group has counted: back to zero
         _roll_conv_state(xbc_ptr, conv_state_ptr, slot, start, n, b_ch, offs_n, N, n_state,

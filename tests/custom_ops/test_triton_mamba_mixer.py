@@ -41,7 +41,8 @@ MIXED = [                    # with replay buffers: the fused kernel serves the 
 SIZES = dict(h=4, p=8, g=2, n=8, k=4)
 
 
-def make_step(lanes, h, p, g, n, k, dtype=torch.float32, replay=False, seed=0, bias=True, with_D=True):
+def make_step(lanes, h, p, g, n, k, dtype=torch.float32, replay=False, seed=0, bias=True, with_D=True,
+              num_slots=NUM_SLOTS):
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=1.0, dt=dtype):
@@ -57,12 +58,12 @@ def make_step(lanes, h, p, g, n, k, dtype=torch.float32, replay=False, seed=0, b
         gate=in_proj[..., :h * p], conv_weight=rand(c, k, scale=0.5), conv_bias=rand(c) if bias else None,
         activation="silu", A=-(torch.rand(h, generator=gen) + 0.2).to(DEVICE),
         D=rand(h, dt=torch.float32) if with_D else None, dt_bias=rand(h, scale=0.5, dt=torch.float32),
-        norm_weight=rand(h * p), conv_state=rand(NUM_SLOTS, c, k - 1),
-        replay_conv=rand(NUM_SLOTS, CAPACITY, c) if replay else None,
-        ssm_state=rand(NUM_SLOTS, h, p, n, dt=torch.float32),
-        replay_x=rand(NUM_SLOTS, CAPACITY, h, p) if replay else None,
-        replay_dt=rand(NUM_SLOTS, CAPACITY, h) if replay else None,
-        replay_B=rand(NUM_SLOTS, CAPACITY, g, n) if replay else None,
+        norm_weight=rand(h * p), conv_state=rand(num_slots, c, k - 1),
+        replay_conv=rand(num_slots, CAPACITY, c) if replay else None,
+        ssm_state=rand(num_slots, h, p, n, dt=torch.float32),
+        replay_x=rand(num_slots, CAPACITY, h, p) if replay else None,
+        replay_dt=rand(num_slots, CAPACITY, h) if replay else None,
+        replay_B=rand(num_slots, CAPACITY, g, n) if replay else None,
         slots=slots.int().to(DEVICE)), [m.to(DEVICE) for m in meta]
 
 
@@ -199,3 +200,27 @@ def test_opcheck():
     torch.library.opcheck(FUSED, (*args.values(), *meta, counters, 0, *opts.values()),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     torch.library.opcheck(COUNTERS, (torch.zeros(1, 5, dtype=torch.long), 2, 3))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("batch", [1, 64])
+def test_bench_hybrid_sizes_on_the_gpu_eager_and_captured(batch):
+    """bench-hybrid-0.6b's mixer (64 heads x 64, d_state 128, 8 groups, bf16, NemotronH's norm) at
+    batch 1 and 64 plus the padding lane: the torch chain's outputs and states; a CUDA-graph replay
+    gives the eager call's results bit for bit."""
+    h, p, g, n, k = 64, 64, 8, 128, 4
+    lanes = [(1, 100 + i, i + 1, 0, False) for i in range(batch)] + [(0, 0, 0, 0, False)]
+    args, meta = make_step(lanes, h=h, p=p, g=g, n=n, k=k, dtype=torch.bfloat16, seed=9, num_slots=batch + 2)
+    opts = options(h, p, g, n, norm_in=torch.bfloat16, cast_first=False, out=torch.bfloat16)
+    eager, eager_caches = check(args, meta, opts, out_tol=2**-7, state_tol=1e-4)
+    static = {k_: (v.clone() if k_ in CACHES and v is not None else v) for k_, v in args.items()}
+    ids = torch.zeros(1, args["xBC"].shape[-1], dtype=torch.long, device=DEVICE)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # capture runs nothing: the caches keep their initial values
+        out = FUSED(*static.values(), *meta, COUNTERS(ids, 1, g), 0, *opts.values())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    for name in ("conv_state", "ssm_state"):
+        assert torch.equal(static[name], eager_caches[name]), name
