@@ -22,18 +22,22 @@ Counters start at zero: the graph computes one zeroed buffer per step for all fu
 (``autodeploy::mamba_mixer_counters``, one memset per step, not one per layer), and the program
 that completes a count sets it back to zero, so the op leaves the buffer as it found it.
 
-Which lanes the kernel serves: lanes of 1 to ``CHUNKED_MIN_TOKENS - 1`` tokens that neither verify
-drafts nor replay them (decode lanes, short prefill chunks, the padding lane of a captured graph;
-with no replay buffers, i.e. speculation off, every lane with fewer tokens). Every other lane
-(prefill chunks of ``CHUNKED_MIN_TOKENS`` tokens or more, verify lanes, replays) goes through the
-existing kernels, unchanged (``triton_cached_causal_conv1d``, ``triton_cached_ssd_scan``, the gated
-``rms_norm``), told to skip the fused kernel's lanes by a per-lane mask computed on the device.
-Those launches are made only when the step's shape allows such a lane: the step has at least
-``CHUNKED_MIN_TOKENS`` tokens, or speculation is on (replay buffers exist). So a decode step (or
-any step) of fewer tokens without speculation is exactly one launch per layer, with no host sync;
-a bigger step or a speculative one pays the existing path's launches (whose programs exit at once
-for the fused lanes) plus this one. The split is decided per lane on the device, so a captured
-graph serves any step of its size.
+Which lanes the kernel serves: lanes of 1 to M - 1 tokens that neither verify drafts nor replay
+them (decode lanes, short prefill chunks, the padding lane of a captured graph; with no replay
+buffers, i.e. speculation off, every lane with fewer tokens), where M = max(CHUNKED_MIN_TOKENS,
+lanes) is a shape fact. Every other lane (prefill chunks of M tokens or more, verify lanes,
+replays) goes through the existing kernels, unchanged (``triton_cached_causal_conv1d``,
+``triton_cached_ssd_scan``, the gated ``rms_norm``), told to skip the fused kernel's lanes by a
+per-lane mask computed on the device. Those launches are made only when the step's shape allows
+such a lane: the step has at least M tokens, or speculation is on (replay buffers exist). A decode
+step carries at most one token per lane, fewer than the lanes (one lane is the padding lane), so
+without speculation every decode step, at any batch size, and every step of fewer than M tokens is
+exactly one launch per layer, with no host sync. M grows with the lanes for that reason; the price
+is that a prefill chunk of CHUNKED_MIN_TOKENS to lanes - 1 tokens runs token by token here rather
+than in the scan's chunked form (same results to float rounding; slower for that chunk only). A
+bigger or speculative step pays the existing path's launches (whose programs exit at once for the
+fused lanes) plus this one. The split is decided per lane on the device, so a captured graph
+serves any step of its size.
 
 Numerics follow the unfused chain (the oracle: ``torch_cached_causal_conv1d``,
 ``torch_cached_ssd_scan``, ``rms_norm_reference``): conv in float32 rounded to the weight's dtype
@@ -57,7 +61,7 @@ from autodeploy.custom_ops.causal_conv1d import ACTIVATIONS
 from autodeploy.custom_ops.triton_causal_conv1d import launch_cached_causal_conv1d
 from autodeploy.custom_ops.triton_lanes import lane_lengths, owning_lane
 
-__all__ = ["triton_cached_mamba_mixer", "mamba_mixer_counters", "fused_lane_mask"]
+__all__ = ["triton_cached_mamba_mixer", "mamba_mixer_counters", "fused_lane_mask", "max_fused_tokens"]
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _NUM_WARPS = 4
@@ -318,13 +322,18 @@ def _block_p(items: int, h: int, p: int, device: torch.device) -> int:
     return 16 if items * h * triton.cdiv(p, 16) >= 2 * sms else 8
 
 
+def max_fused_tokens(lanes: int) -> int:
+    """M: the fused kernel serves lanes of fewer tokens (see the module docstring)."""
+    return max(triton_ssd_scan.CHUNKED_MIN_TOKENS, lanes)
+
+
 def fused_lane_mask(cu_seqlens, is_verify, replay_lens, has_replay: bool) -> torch.Tensor:
     """[lanes] bool: the lanes the fused kernel serves (see the module docstring), on the device."""
     lanes = cu_seqlens.shape[0] - 1
     mask = torch.empty(lanes, dtype=torch.uint8, device=cu_seqlens.device)
     if lanes:
         _fused_lane_mask_kernel[(1,)](cu_seqlens, _as_u8(is_verify), replay_lens, mask, lanes,
-                                      triton_ssd_scan.CHUNKED_MIN_TOKENS, HAS_REPLAY=has_replay,
+                                      max_fused_tokens(lanes), HAS_REPLAY=has_replay,
                                       BLOCK_L=triton.next_power_of_2(lanes))
     return mask.view(torch.bool)
 
@@ -388,7 +397,7 @@ def triton_cached_mamba_mixer(
     out = xBC.new_empty((1, num_tokens, h * p), dtype=out_dtype)
     if num_tokens == 0 and not has_replay or lanes == 0:
         return out
-    max_tokens = triton_ssd_scan.CHUNKED_MIN_TOKENS
+    max_tokens = max_fused_tokens(lanes)
     if num_tokens >= max_tokens or has_replay:  # a lane the fused kernel leaves may exist: the existing path
         skip = fused_lane_mask(cu_seqlens, is_verify, replay_lens, has_replay)
         meta = (slots, cu_seqlens, has_state, replay_lens, is_verify)

@@ -138,6 +138,17 @@ def test_long_step_without_speculation():
     check(args, meta, options(**{k: SIZES[k] for k in "hpgn"}))
 
 
+def test_more_lanes_than_the_chunked_limit_keep_a_long_lane_fused(monkeypatch):
+    """With 40 lanes (M = 40) a 33-token lane in a 35-token step is the fused kernel's alone: one launch."""
+    lanes = [(33, 0, 1, 0, False), (1, 7, 3, 0, False), (1, 0, 2, 0, False)] + [(0, 0, 0, 0, False)] * 37
+    assert triton_mamba_mixer.max_fused_tokens(len(lanes)) == 40
+    monkeypatch.setattr(triton_mamba_mixer, "launch_cached_causal_conv1d", lambda *a, **k: pytest.fail("conv ran"))
+    args, meta = make_step(lanes, **SIZES, seed=10)
+    out, fused = run_fused(args, meta, options(**{k: SIZES[k] for k in "hpgn"}))
+    monkeypatch.undo()
+    check(args, meta, options(**{k: SIZES[k] for k in "hpgn"}))
+
+
 def test_odd_sizes_one_group_dt_limits_no_bias(block_p):
     # head_dim 12 (a partial block of 8), d_state 12, one group (the norm spans every head), conv width 3
     sizes = dict(h=3, p=12, g=1, n=12, k=3)
