@@ -89,7 +89,8 @@ def _match(scan: Node) -> dict | None:
         return None
     nkw = op_kwargs(norm)
     source = chain[-1] if chain else scan
-    if nkw["x"] is not source or nkw["gate"] is None or nkw["group_size"] not in ((h // g) * p, *((0,) if g == 1 else ())):
+    groups_ok = nkw["group_size"] == (h // g) * p or (g == 1 and nkw["group_size"] == 0)  # norm groups = SSM groups
+    if nkw["x"] is not source or nkw["gate"] is None or not groups_ok:
         return None
     shapes = [c.meta["val"] for c in chain] + [scan.meta["val"]]
     dtypes = {scan.meta["val"].dtype, *(s.dtype for s in shapes)}
@@ -119,7 +120,8 @@ class FuseMambaDecode(Transform):
         groups = max(m["g"] for m in matches)
         first = min((m["conv"] for m in matches), key=list(graph.nodes).index)
         with graph.inserting_before(first):
-            counters = graph.call_function(torch.ops.autodeploy.mamba_mixer_counters.default, (input_ids, len(matches), groups))
+            counters = graph.call_function(torch.ops.autodeploy.mamba_mixer_counters.default,
+                                           (input_ids, len(matches), groups))
         for layer, m in enumerate(matches):
             kw, ckw, nkw = m["kw"], m["ckw"], m["nkw"]
             args = (ckw["x"], kw["dt"], nkw["gate"], ckw["weight"], ckw["bias"], ckw["activation"], kw["A"], kw["D"],

@@ -15,7 +15,7 @@ from helpers import DEVICE
 
 pytest.importorskip("triton")
 
-from autodeploy.custom_ops import torch_cached_ssm, triton_mamba_mixer, triton_ssd_scan  # noqa: E402, F401
+from autodeploy.custom_ops import torch_cached_ssm, triton_mamba_mixer  # noqa: E402, F401
 from autodeploy.custom_ops.rms_norm import rms_norm_reference  # noqa: E402
 
 FUSED = torch.ops.autodeploy.triton_cached_mamba_mixer.default
@@ -26,7 +26,8 @@ PREPARE = torch.ops.autodeploy.prepare_ssm_metadata.default
 NUM_SLOTS, CAPACITY = 9, 4
 
 # (new tokens, cached tokens, slot, accepted = replay length, verify)
-DECODE = [(1, 7, 3, 0, False), (0, 0, 0, 0, False), (1, 12, 5, 0, False), (1, 0, 2, 0, False)]  # incl. a new 1-token seq
+# decodes, a padded lane, a new one-token sequence
+DECODE = [(1, 7, 3, 0, False), (0, 0, 0, 0, False), (1, 12, 5, 0, False), (1, 0, 2, 0, False)]
 SHORT = [(1, 7, 3, 0, False), (5, 0, 1, 0, False), (3, 9, 4, 0, False), (0, 0, 0, 0, False), (2, 0, 0, 0, False)]
 MIXED = [                    # with replay buffers: the fused kernel serves the decodes and the short chunk only
     (33, 0, 1, 0, False),    # a long prefill chunk (existing path)
