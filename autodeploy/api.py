@@ -65,6 +65,7 @@ class DeployConfig:
     perf_transforms: switch graph rewrites off by name (all on by default): "match_rope",
     "match_rms_norm", "fuse_projections", "match_gated_activation", "fold_constants" (weight-only
     expressions computed once), "gather_logits" (LM head only on the rows whose logits are used),
+    "fuse_mamba_decode" (a Triton-backend Mamba2 mixer's conv, scan and gated norm in one op),
     "match_linear" (a Triton GEMV for one-row steps on CUDA), "fuse_norm_linear" (an RMSNorm and
     the linear layer it feeds as one op), "fuse_norm_add_norm" (a norm, the residual add and the
     next norm as one op), "fuse_norm_rope" (per-head q/k norms and RoPE as one op),

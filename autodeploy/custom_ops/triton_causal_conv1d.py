@@ -37,7 +37,7 @@ import triton.language as tl
 
 from autodeploy.custom_ops.causal_conv1d import ACTIVATIONS
 
-__all__ = ["triton_cached_causal_conv1d"]
+__all__ = ["triton_cached_causal_conv1d", "launch_cached_causal_conv1d"]
 
 
 @triton.jit
@@ -60,14 +60,14 @@ def _state_columns(conv_state_ptr, replay_ptr, slot, ch, ch_ok, src, state_cols,
 @triton.jit
 def _lane_state_kernel(
     x_ptr, w_ptr, conv_state_ptr, replay_ptr, start_state_ptr,
-    slots_ptr, cu_seqlens_ptr, has_state_ptr, replay_lens_ptr, is_verify_ptr,
+    slots_ptr, cu_seqlens_ptr, has_state_ptr, replay_lens_ptr, is_verify_ptr, skip_ptr,
     channels, replay_capacity,
     stride_xc, stride_xt,
     stride_ss, stride_sc, stride_sk,
     stride_rs, stride_rt, stride_rc,
     stride_pl, stride_pc, stride_pk,
     KM1: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_REPLAY: tl.constexpr,
+    HAS_REPLAY: tl.constexpr, HAS_SKIP: tl.constexpr,
 ):
     lane = tl.program_id(0)
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -80,6 +80,11 @@ def _lane_state_kernel(
     state_cols = tl.where(tl.load(has_state_ptr + lane) != 0, KM1, 0)
     replay = tl.load(replay_lens_ptr + lane)
     verify = tl.load(is_verify_ptr + lane) != 0
+    if HAS_SKIP:  # a lane another kernel serves (the fused Mamba mixer's): as if it had no work
+        mine = tl.load(skip_ptr + lane) == 0
+        n = tl.where(mine, n, 0)
+        replay = tl.where(mine, replay, 0)
+        verify = verify & mine
     commit = (n > 0) & ~verify
 
     cols = tl.arange(0, BLOCK_K)
@@ -184,6 +189,14 @@ def triton_cached_causal_conv1d(
 
     Returns [1, c, T] in x's dtype. Metadata: see ``prepare_ssm_metadata``.
     """
+    return launch_cached_causal_conv1d(x, weight, bias, activation, conv_state, replay_conv, slots, cu_seqlens,
+                                       has_state, replay_lens, is_verify)
+
+
+def launch_cached_causal_conv1d(x, weight, bias, activation, conv_state, replay_conv, slots, cu_seqlens, has_state,
+                                replay_lens, is_verify, skip: torch.Tensor | None = None) -> torch.Tensor:
+    """The op's work; lanes where ``skip`` [lanes] is true keep their state and replay buffer
+    untouched (their outputs are garbage, for the caller to ignore)."""
     if activation not in ACTIVATIONS or ACTIVATIONS[activation] not in (None, F.silu):  # what the kernel knows
         raise ValueError(f"unsupported conv activation {activation!r}; known: {sorted(ACTIVATIONS)}")
     c, k = weight.shape
@@ -199,11 +212,11 @@ def triton_cached_causal_conv1d(
     block_c = min(128, triton.next_power_of_2(c))
     _lane_state_kernel[(num_lanes, triton.cdiv(c, block_c))](
         x[0], weight, conv_state, replay, start_state,
-        slots, cu_seqlens, has_state, replay_lens, is_verify,
+        slots, cu_seqlens, has_state, replay_lens, is_verify, skip.view(torch.uint8) if skip is not None else slots,
         c, capacity,
         *x[0].stride(), *conv_state.stride(), *replay.stride(), *start_state.stride(),
         KM1=k - 1, BLOCK_K=max(2, triton.next_power_of_2(k - 1)), BLOCK_C=block_c, BLOCK_T=16,
-        HAS_REPLAY=replay_conv is not None,
+        HAS_REPLAY=replay_conv is not None, HAS_SKIP=skip is not None,
     )
     if num_tokens == 0:
         return out

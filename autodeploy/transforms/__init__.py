@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from autodeploy.transforms.base import Transform, TransformConfig, TransformInfo
 from autodeploy.transforms.fold_constants import FoldConstants
+from autodeploy.transforms.fuse_mamba_decode import FuseMambaDecode
 from autodeploy.transforms.fuse_norm_add_norm import FuseNormAddNorm
 from autodeploy.transforms.fuse_norm_linear import FuseNormLinear
 from autodeploy.transforms.fuse_norm_rope import FuseNormRope
@@ -36,6 +37,7 @@ TRANSFORMS: dict[str, type[Transform]] = {
     FuseNormLinear.name: FuseNormLinear,
     FuseNormAddNorm.name: FuseNormAddNorm,
     FuseNormRope.name: FuseNormRope,
+    FuseMambaDecode.name: FuseMambaDecode,
 }
 
 __all__ = [

@@ -41,7 +41,7 @@ def _kind(node: Node) -> str | None:
     name = node.target._schema.name
     if not name.startswith("autodeploy::"):
         return None
-    for kind in ("cached_attention", "cached_ssd_scan", "cached_causal_conv1d"):
+    for kind in ("cached_attention", "cached_ssd_scan", "cached_causal_conv1d", "cached_mamba_mixer"):
         if name.endswith(kind):
             return kind
     return None
@@ -94,7 +94,7 @@ class InsertIndexChecks(Transform):
                 write, pages, start, length = checked[key]
                 _rewire(node, {"write_idx": write, "page_list": pages, "kv_start": start, "kv_len": length})
             else:
-                state = kw["ssm_state"] if kind == "cached_ssd_scan" else kw["conv_state"]
+                state = kw["conv_state"] if kind == "cached_causal_conv1d" else kw["ssm_state"]
                 key = ("ssm", kw["slots"], kw["replay_lens"])
                 if key not in checked:
                     with graph.inserting_before(node):

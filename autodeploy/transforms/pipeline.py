@@ -21,19 +21,20 @@ logger = logging.getLogger("autodeploy.transforms")
 DEFAULT_PIPELINE: tuple[str, ...] = ("match_attention",)
 CACHED_PIPELINE: tuple[str, ...] = ("match_attention", "insert_cached_attention", "insert_cached_ssm")
 # the graph rewrites a serving engine wants (each switchable in DeployConfig.perf_transforms), and
-# where they go: the pattern matchers before the caches, the logits gather and the linear op after
+# where they go: the pattern matchers before the caches, the rewrites of the cached graph after
 PERF_TRANSFORMS: tuple[str, ...] = ("match_rope", "match_rms_norm", "fuse_norm_add_norm", "fuse_norm_rope",
-                                    "fuse_projections", "match_gated_activation", "fold_constants", "gather_logits",
-                                    "match_linear", "fuse_norm_linear")
+                                    "fuse_projections", "match_gated_activation", "fold_constants", "fuse_mamba_decode",
+                                    "gather_logits", "match_linear", "fuse_norm_linear")
+# rewrites of the cached graph, in this order: match_linear after the others that look for aten.linear,
+# fuse_norm_linear after match_linear (it fuses into its op)
+_AFTER_CACHES = ("fuse_mamba_decode", "gather_logits", "match_linear", "fuse_norm_linear")
 
 
 def cached_pipeline(perf: dict[str, bool] | None = None, checked: bool = False) -> tuple[str, ...]:
     """The cached pipeline with the performance transforms switched on in ``perf`` (default: all)."""
     on = [name for name in PERF_TRANSFORMS if (perf or {}).get(name, True)]
-    # match_linear after the others that look for aten.linear; fuse_norm_linear needs its linear op
-    after_caches = ("gather_logits", "match_linear", "fuse_norm_linear")
-    before = tuple(n for n in on if n not in after_caches)
-    after = tuple(n for n in on if n in after_caches)
+    before = tuple(n for n in on if n not in _AFTER_CACHES)
+    after = tuple(n for n in _AFTER_CACHES if n in on)
     return ("match_attention", *before, "insert_cached_attention", "insert_cached_ssm", *after,
             *(("insert_index_checks",) if checked else ()))
 

@@ -216,6 +216,32 @@ def _small_ops(monkeypatch) -> None:
     q, kv = torch.randn(1, 41, 40, 128, dtype=bf16), torch.randn(1, 41, 8, 128, dtype=bf16)
     cache = torch.zeros(3 * ring, 16, 8, 128, dtype=bf16)
     triton_cached_attention(q, kv, kv, cache, cache, *attn_meta, 128 ** -0.5, 0, 0.0, None, 8192)
+    # the fused Mamba2 mixer at bench-hybrid sizes, bf16 (NemotronH's norm: float32 product, bf16 out), both
+    # block sizes the GPU picks, and with replay buffers (its lane mask and the existing kernels' skips)
+    from autodeploy.custom_ops import triton_mamba_mixer
+
+    h, p, g, n = 64, 64, 8, 128
+    c = h * p + 2 * g * n
+    for lanes, block_p, replay in ((1, 8, False), (4, 16, True)):
+        monkeypatch.setattr(triton_mamba_mixer, "_block_p", lambda items, h, p, device, b=block_p: b)
+        lens = torch.ones(lanes + 1, dtype=torch.int32)
+        lens[-1] = 0
+        T = int(lens.sum())
+        meta = prepare_ssm_metadata(torch.zeros(1, T, dtype=torch.long), lens, lens.clone(),
+                                    torch.zeros(lanes + 1, dtype=torch.int32), torch.zeros(lanes + 1, dtype=torch.bool))
+        in_proj = torch.randn(1, T, h * p + c + h, dtype=bf16)
+        R = 3
+        caches = (torch.zeros(lanes + 2, c, 3, dtype=bf16), torch.zeros(lanes + 2, R, c, dtype=bf16) if replay else None,
+                  torch.zeros(lanes + 2, h, p, n), *((torch.zeros(lanes + 2, R, h, p, dtype=bf16),
+                                                      torch.zeros(lanes + 2, R, h, dtype=bf16),
+                                                      torch.zeros(lanes + 2, R, g, n, dtype=bf16)) if replay
+                                                    else (None, None, None)))
+        triton_mamba_mixer.triton_cached_mamba_mixer(
+            in_proj[..., h * p:h * p + c].transpose(1, 2), in_proj[..., h * p + c:], in_proj[..., :h * p],
+            torch.randn(c, 4, dtype=bf16), torch.randn(c, dtype=bf16), "silu", -torch.rand(h), torch.randn(h),
+            torch.randn(h), torch.randn(h * p, dtype=bf16), *caches, torch.arange(1, lanes + 2, dtype=torch.int32),
+            *meta, torch.zeros(1, T, g, dtype=torch.int32), 0, h, p, g, n, True, 0.0, float("inf"), 128, bf16, 1e-5,
+            0.0, False, bf16)
     # the flashinfer SSM backend's lane split (its decode kernel is flashinfer's, not compiled here)
     from autodeploy.custom_ops.flashinfer_ssd_scan import decode_lane_inputs
 
