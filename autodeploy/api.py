@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from autodeploy import backends, distributed
+from autodeploy import backends, distributed, gguf
 from autodeploy.export import export_model
 from autodeploy.fx_utils import move_graph_module
 from autodeploy.runtime.engine import Engine
@@ -172,10 +172,14 @@ class RequestOutput:
     spec_stats: SpecDecodingStats | None = None  # with speculative decoding: drafts proposed/accepted
 
 
-def _load(model: nn.Module | str | os.PathLike, dtype: torch.dtype):
+def _load(model: nn.Module | str | os.PathLike, dtype: torch.dtype, device: str | torch.device = "cpu"):
+    """(model, tokenizer or None) for a module, a checkpoint directory or a ``.gguf`` file; checkpoint
+    weights are read straight into ``dtype`` on ``device`` (no full-precision host copy)."""
     if isinstance(model, nn.Module):
         return model, None
     path = os.fspath(model)
+    if gguf.is_gguf(path):
+        return gguf.load_gguf(path, dtype, device)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path!r} does not exist")
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -183,7 +187,7 @@ def _load(model: nn.Module | str | os.PathLike, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=str(device), local_files_only=True)
     except OSError as e:  # config.json but no (or partial) weights
         raise FileNotFoundError(f"cannot load the checkpoint in {path!r}: {e}") from e
     try:
@@ -246,12 +250,12 @@ class LLM:
         if self.config.tensor_parallel_size > 1:  # joins torchrun's process group; cuda -> cuda:LOCAL_RANK
             self.config.device = distributed.init(self.config.tensor_parallel_size, self.config.device)
         dtype = DTYPES[self.config.dtype]
-        model, loaded_tokenizer = _load(model, dtype)
-        self.tokenizer = tokenizer or loaded_tokenizer
         # a rank of a tensor-parallel GPU run builds (exports, shards) on the host and moves only its
         # shard to its GPU: the whole model never has to fit one GPU
         self._build_device = "cpu" if self.config.tensor_parallel_size > 1 and str(self.config.device) != "cpu" \
             else self.config.device
+        model, loaded_tokenizer = _load(model, dtype, self._build_device)
+        self.tokenizer = tokenizer or loaded_tokenizer
         self.model = model.to(device=self._build_device, dtype=dtype).eval()
         if self.config.tensor_parallel_size > 1:
             distributed.check_same_weights(self.model)
@@ -288,7 +292,7 @@ class LLM:
             return None
         if spec["method"] == "ngram":
             return NgramDrafter(k, spec["prompt_lookup_min"], spec["prompt_lookup_max"])
-        draft, _ = _load(spec["model"], dtype)
+        draft, _ = _load(spec["model"], dtype, self._build_device)
         draft = draft.to(device=self._build_device, dtype=dtype).eval()
         self.draft_model = draft
         gm, _ = self._graph(draft)
