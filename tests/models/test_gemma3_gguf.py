@@ -22,7 +22,7 @@ CODE = (REPO / "autodeploy" / "models" / "reference.py").read_text()  # real Pyt
 def _long_english() -> str:
     """Real English prose longer than the sliding window: the README's opening sections."""
     text = (REPO / "README.md").read_text()
-    return text[text.index("autodeploy turns"):][:4000]
+    return text[text.index("autodeploy turns"):][:2300]  # about 630 tokens
 
 
 def _uncached_greedy(model, prompt: list[int], n: int) -> list[int]:
@@ -37,7 +37,7 @@ def _uncached_greedy(model, prompt: list[int], n: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def gemma():
-    return LLM(gemma3_270m(), dtype="float32", device="cpu", max_batch_size=3, max_seq_len=1280,
+    return LLM(gemma3_270m(), dtype="float32", device="cpu", max_batch_size=3, max_seq_len=1024,
                max_num_tokens=192)
 
 
@@ -46,7 +46,7 @@ def test_greedy_tokens_equal_transformers(gemma):
     prompts = [tok(text)["input_ids"] for text in (ENGLISH, CODE, _long_english())]
     window = gemma.model.config.sliding_window
     assert len(prompts[2]) > window + 64 and len(prompts[1]) > 100  # crosses the window, chunked prefill
-    new_tokens = [8, 6, 4]
+    new_tokens = [6, 4, 3]
     outs = gemma.generate([{"prompt_token_ids": p} for p in prompts],
                           [SamplingParams(max_tokens=n, ignore_eos=True) for n in new_tokens])
     for prompt, n, out in zip(prompts, new_tokens, outs):
