@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from autodeploy import backends, distributed
+from autodeploy import backends, defaults, distributed, gguf
 from autodeploy.export import export_model
 from autodeploy.fx_utils import move_graph_module
 from autodeploy.runtime.engine import Engine
@@ -36,15 +36,21 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class DeployConfig:
-    """How to build and run the engine. Defaults suit the embedded demo model on a CPU.
+    """How to build and run the engine. Options left None are chosen from the model and the device
+    (autodeploy.defaults; the choices are logged in one line): on a GPU the checkpoint's dtype, CUDA
+    graphs, the model's context length, 64 lanes, 2048-token steps and caches filling
+    ``gpu_memory_utilization`` of the GPU; on the CPU float32, eager, 8 lanes, 128-token steps and
+    the context length up to 2048.
 
     max_batch_size: sequences per step (lanes). max_seq_len: prompt + generated tokens per request.
     page_size: tokens per KV page. max_num_tokens: token budget per step (prefill chunk size).
     num_pages: full-attention KV pages (default: enough for max_batch_size full-length requests).
     max_cache_bytes: a memory budget for all caches instead of num_pages: the fixed caches
     (per-slot SSM/conv state, sliding-window rings) are paid first, the rest becomes full-attention
-    pages.
-    dtype: "float32" | "bfloat16" | "float16". device: "cpu" | "cuda". attn_backend, ssm_backend:
+    pages. gpu_memory_utilization: on a GPU without num_pages / max_cache_bytes, the fraction of
+    its memory the engine may use in all (weights, activations, caches), as in vLLM.
+    dtype: "float32" | "bfloat16" | "float16". device: "cpu" | "cuda" (default: cuda when a GPU is
+    visible). attn_backend, ssm_backend:
     cached-op backends, "torch" | "triton" | "flashinfer" | "auto" (the fastest available on the
     device, as measured; see autodeploy.backends). compile_mode: "eager" | "inductor" |
     "cudagraph" | "inductor+cudagraph" (AutoDeploy's torch-simple / torch-compile /
@@ -75,17 +81,18 @@ class DeployConfig:
     naming the first module whose output differs (autodeploy/self_check.py).
     """
 
-    max_batch_size: int = 8
-    max_seq_len: int = 512
+    max_batch_size: int | None = None
+    max_seq_len: int | None = None
     page_size: int = 16
-    max_num_tokens: int = 128
+    max_num_tokens: int | None = None
     num_pages: int | None = None
     max_cache_bytes: int | None = None
-    dtype: str = "float32"
-    device: str = "cpu"
+    dtype: str | None = None
+    device: str = field(default_factory=lambda: defaults.default_device(torch.cuda.is_available()))
     attn_backend: str = "auto"
     ssm_backend: str = "auto"
-    compile_mode: str = "eager"
+    compile_mode: str | None = None
+    gpu_memory_utilization: float = 0.9
     checked: bool = field(default_factory=lambda: os.environ.get("AUTODEPLOY_CHECKED", "") not in ("", "0"))
     cuda_graph_sizes: list[int] | None = None
     speculative_config: dict | None = None
@@ -94,17 +101,23 @@ class DeployConfig:
     self_check: bool = True
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_seq_len", "page_size", "max_num_tokens", "tensor_parallel_size"):
+        for name in ("page_size", "tensor_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"DeployConfig.{name} must be a positive int, got {value!r}")
-        for name in ("num_pages", "max_cache_bytes"):
+        for name in ("num_pages", "max_cache_bytes", "max_batch_size", "max_seq_len", "max_num_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"DeployConfig.{name} must be a positive int, got {value!r}")
         if self.num_pages is not None and self.max_cache_bytes is not None:
             raise ValueError("give DeployConfig.num_pages or max_cache_bytes, not both")
-        if self.dtype not in DTYPES:
+        if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"DeployConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.compile_mode is None:
+            self.compile_mode = defaults.default_compile_mode(str(self.device), self.attn_backend, self.ssm_backend)
+        if self.dtype is None and not str(self.device).startswith("cuda"):
+            self.dtype = "float32"
+        if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"DeployConfig.dtype {self.dtype!r} unknown; known: {sorted(DTYPES)}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"DeployConfig.compile_mode {self.compile_mode!r} unknown; known: {sorted(COMPILE_MODES)}")
@@ -120,11 +133,28 @@ class DeployConfig:
                 raise ValueError(f"DeployConfig.perf_transforms maps transform names to bools; unknown {unknown}, "
                                  f"known: {list(PERF_TRANSFORMS)}")
         if self.speculative_config is not None:
-            self.speculative_config = _check_speculative_config(self.speculative_config, self.max_num_tokens)
+            sizes = defaults.GPU_SIZES if str(self.device).startswith("cuda") else defaults.CPU_SIZES
+            self.speculative_config = _check_speculative_config(
+                self.speculative_config, self.max_num_tokens or sizes["max_num_tokens"])
 
     @property
     def num_speculative_tokens(self) -> int:
         return self.speculative_config["num_speculative_tokens"] if self.speculative_config else 0
+
+    def completed(self, model: nn.Module) -> "DeployConfig":
+        """This config with every size left None chosen from ``model``'s config and the device
+        (see autodeploy.defaults); logs the choices in one line."""
+        sizes = ("max_seq_len", "max_batch_size", "max_num_tokens", "num_pages", "max_cache_bytes")
+        given = {name: getattr(self, name) for name in sizes}
+        facts = defaults.DeviceFacts.probe(str(self.device))
+        spec_k = (self.speculative_config or {}).get("num_speculative_tokens", 0) or 0
+        chosen = defaults.choose(given, facts, getattr(model, "config", None), DTYPES[self.dtype].itemsize,
+                                 self.page_size, self.gpu_memory_utilization, spec_k)
+        done = dataclasses.replace(self, **chosen)
+        picked = {n: getattr(done, n) for n in sizes if given[n] is None and getattr(done, n) is not None}
+        logger.info("engine config (%s): device=%s dtype=%s compile_mode=%s %s", facts.name, done.device, done.dtype,
+                    done.compile_mode, " ".join(f"{k}={v}" for k, v in picked.items()))
+        return done
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "DeployConfig":
@@ -206,10 +236,14 @@ def _check_config_json(path: str) -> None:
         raise ValueError(f"{file} holds a JSON {type(config).__name__}, not an object: the checkpoint's config is corrupt")
 
 
-def _load(model: nn.Module | str | os.PathLike, dtype: torch.dtype):
+def _load(model: nn.Module | str | os.PathLike, dtype: torch.dtype, device: str | torch.device = "cpu"):
+    """(model, tokenizer or None) for a module, a checkpoint directory or a ``.gguf`` file; checkpoint
+    weights are read straight into ``dtype`` on ``device`` (no full-precision host copy)."""
     if isinstance(model, nn.Module):
         return model, None
     path = os.fspath(model)
+    if gguf.is_gguf(path):
+        return gguf.load_gguf(path, dtype, device)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path!r} does not exist")
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -218,7 +252,7 @@ def _load(model: nn.Module | str | os.PathLike, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=str(device), local_files_only=True)
     except OSError as e:  # config.json but no (or partial) weights
         raise FileNotFoundError(f"cannot load the checkpoint in {path!r}: {e}") from e
     try:
@@ -282,17 +316,19 @@ class LLM:
         _check_device_usable(self.config.device)
         if self.config.tensor_parallel_size > 1:  # joins torchrun's process group; cuda -> cuda:LOCAL_RANK
             self.config.device = distributed.init(self.config.tensor_parallel_size, self.config.device)
+        if self.config.dtype is None:  # on a GPU: the checkpoint's own dtype
+            self.config.dtype = defaults.default_dtype(str(self.config.device), defaults.checkpoint_dtype(model))
         dtype = DTYPES[self.config.dtype]
-        model, loaded_tokenizer = _load(model, dtype)
-        self.tokenizer = tokenizer or loaded_tokenizer
         # a rank of a tensor-parallel GPU run builds (exports, shards) on the host and moves only its
         # shard to its GPU: the whole model never has to fit one GPU
         self._build_device = "cpu" if self.config.tensor_parallel_size > 1 and str(self.config.device) != "cpu" \
             else self.config.device
+        model, loaded_tokenizer = _load(model, dtype, self._build_device)
+        self.tokenizer = tokenizer or loaded_tokenizer
         self.model = model.to(device=self._build_device, dtype=dtype).eval()
         if self.config.tensor_parallel_size > 1:
             distributed.check_same_weights(self.model)
-        cfg = self.config
+        self.config = cfg = self.config.completed(self.model)
         start = time.perf_counter()
         self.gm, self.transform_infos = self._graph(self.model)
         sizes = PoolSizes(cfg.max_batch_size, cfg.max_seq_len, cfg.page_size, cfg.max_num_tokens, cfg.num_pages)
@@ -339,7 +375,7 @@ class LLM:
             return None
         if spec["method"] == "ngram":
             return NgramDrafter(k, spec["prompt_lookup_min"], spec["prompt_lookup_max"])
-        draft, _ = _load(spec["model"], dtype)
+        draft, _ = _load(spec["model"], dtype, self._build_device)
         draft = draft.to(device=self._build_device, dtype=dtype).eval()
         self.draft_model = draft
         gm, _ = self._graph(draft)

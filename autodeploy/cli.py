@@ -96,12 +96,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     eg.add_argument("--max-seq-len", type=int, metavar="N", help="prompt + generated tokens per request")
     eg.add_argument("--max-num-tokens", type=int, metavar="N", help="token budget per step (prefill chunk)")
     eg.add_argument("--page-size", type=int, metavar="N", help="tokens per full-attention KV page")
-    eg.add_argument("--device", metavar="DEV", help="cpu (default) or cuda[:i]")
-    eg.add_argument("--dtype", choices=sorted(DTYPES), help="model and cache dtype (default float32)")
+    eg.add_argument("--device", metavar="DEV", help="cpu or cuda[:i] (default: cuda when a GPU is visible)")
+    eg.add_argument("--dtype", choices=sorted(DTYPES), help="model and cache dtype (default: float32 on the CPU, the checkpoint's on a GPU)")
     eg.add_argument("--attn-backend", choices=BACKEND_CHOICES, help="cached attention backend (default auto)")
     eg.add_argument("--ssm-backend", choices=BACKEND_CHOICES, help="cached Mamba2 scan/conv backend (default auto)")
     eg.add_argument("--compile-mode", choices=sorted(COMPILE_MODES), metavar="MODE",
-                    help="eager (default), inductor, cudagraph or inductor+cudagraph (CUDA graphs need --device cuda)")
+                    help="eager, inductor, cudagraph or inductor+cudagraph (default: cudagraph on a GPU, else eager)")
     eg.add_argument("--no-transform", action="append", choices=PERF_TRANSFORMS, metavar="NAME", default=None,
                     help=f"switch a performance transform off (repeatable): {', '.join(PERF_TRANSFORMS)}")
     eg.add_argument("--speculative", type=speculative, metavar="SPEC",

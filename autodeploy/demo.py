@@ -35,7 +35,7 @@ def load_model(model: Any) -> tuple[Any, str]:
     if isinstance(model, torch.nn.Module):
         return model, type(model).__name__
     path = os.fspath(model)
-    if os.path.isdir(path):
+    if os.path.isdir(path) or (path.lower().endswith(".gguf") and os.path.isfile(path)):
         return path, os.path.basename(os.path.normpath(path)) or path
     if path in ZOO:
         return build_model(path), path

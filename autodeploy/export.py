@@ -31,6 +31,7 @@ from torch.fx import GraphModule
 import autodeploy.custom_ops  # noqa: F401  (registers the ops)
 from autodeploy.calling_convention import CallingConventionError, ForwardCall
 from autodeploy.fx_utils import owning_module
+from autodeploy.hf_version import check_transformers_version
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +234,7 @@ def route_attention_interface(model: nn.Module, enabled: bool = True) -> Iterato
             or not _all_attention_causal(model)):
         yield False
         return
+    check_transformers_version()
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, _hf_attention)

@@ -41,7 +41,7 @@ def test_auto_skips_flashinfer_for_float32_models(monkeypatch):
     with pytest.raises(ValueError, match="flashinfer's kernels take float16 or bfloat16 \\(dtype is 'float32'\\)"):
         backends.resolve("attention", "flashinfer", "cuda", "float32")
     with pytest.raises(ValueError, match="dtype is 'float32'"):
-        _backends(DeployConfig(device="cuda", ssm_backend="flashinfer"))
+        _backends(DeployConfig(device="cuda", dtype="float32", ssm_backend="flashinfer"))
 
 
 def test_auto_follows_the_measured_order_per_family(monkeypatch):

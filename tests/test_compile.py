@@ -24,6 +24,17 @@ def test_inductor_gives_eager_tokens_with_speculation():
     assert llm.spec_stats.num_verify_steps > 0
 
 
+def test_inductor_on_gemma3_transposed_norms():
+    """Gemma 3 normalises transposed per-head q/k views: inductor trusts the ops' fake strides, so a
+    fake that declares another layout than the op returns fails here (fast check of the slow run)."""
+    model = build_model("gemma3")
+    prompt = {"prompt_token_ids": torch.randint(0, 256, (20,), generator=torch.Generator().manual_seed(2)).tolist()}
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    opts = dict(max_batch_size=1, max_seq_len=32, max_num_tokens=16, page_size=8)
+    ref = LLM(model, **opts).generate([prompt], params)[0].outputs[0].token_ids
+    assert LLM(model, compile_mode="inductor", **opts).generate([prompt], params)[0].outputs[0].token_ids == ref
+
+
 def test_compile_mode_names_and_errors():
     assert COMPILE_MODES["torch-opt"] == "inductor+cudagraph" and COMPILE_MODES["torch-simple"] == "eager"
     with pytest.raises(ValueError, match="compile_mode 'fast' unknown"):

@@ -77,7 +77,7 @@ def test_cuda_graphs_give_eager_tokens(name):
     model = build_model(name)
     ps, params = prompts(model.config.vocab_size), SamplingParams(max_tokens=24, ignore_eos=True)
     fast = dict(attn_backend="triton", ssm_backend="triton", **OPTIONS)
-    ref = tokens(LLM(model, **fast), ps, params)
+    ref = tokens(LLM(model, compile_mode="eager", **fast), ps, params)
     graphed = LLM(model, compile_mode="cudagraph", **fast)
     assert tokens(graphed, ps, params) == ref
     assert graphed.engine.runner.num_replays > 0
@@ -197,7 +197,7 @@ def test_flashinfer_cuda_graphs_plan_every_replay():
     opts = dict(max_batch_size=4, max_seq_len=1600, max_num_tokens=256, page_size=16, device="cuda",
                 dtype="bfloat16", speculative_config={"method": "ngram", "num_speculative_tokens": 3})
     graphed = LLM(model, attn_backend="flashinfer", compile_mode="cudagraph", **opts)
-    eager = LLM(model, attn_backend="triton", **opts)
+    eager = LLM(model, attn_backend="triton", compile_mode="eager", **opts)
     g = torch.Generator().manual_seed(3)
     prompts_ = [torch.randint(0, 32000, (n,), generator=g).tolist() for n in (1100, 200, 37)]
     pages = [list(range(1 + 80 * i, 81 + 80 * i)) for i in range(3)]

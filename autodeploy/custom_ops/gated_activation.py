@@ -37,7 +37,7 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor | None, activation: st
         from autodeploy.custom_ops.triton_gated_activation import triton_gated_activation
 
         return triton_gated_activation(gate, up, activation)
-    return gated_activation_reference(gate, up, activation)
+    return gated_activation_reference(gate, up, activation).contiguous()  # the layout the fake declares
 
 
 @gated_activation.register_fake

@@ -8,7 +8,9 @@ One op covers the RMSNorm flavours transformers writes out as eight or more smal
 * Mamba2's gated norm: ``x * silu(gate)`` first, optionally normalised per group of channels.
 
 The torch implementation repeats transformers' order of casts exactly (the oracle); on CUDA the op
-runs one Triton kernel per call (float32 inside, one rounding at the end).
+runs one Triton kernel per call (float32 inside, one rounding at the end). Outputs are contiguous
+whatever the input's strides (Gemma 3 normalises transposed per-head q/k views), on every path and
+in the fake implementation, so compiled graphs see the layout they were traced with.
 ``autodeploy::fused_add_rms_norm`` adds a residual first and returns (normed, sum): one pass over
 the hidden state instead of two.
 """
@@ -52,7 +54,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None, e
         from autodeploy.custom_ops.triton_rms_norm import triton_rms_norm
 
         return triton_rms_norm(x, weight, gate, eps, group_size, weight_offset, cast_first, out_dtype)
-    return rms_norm_reference(x, weight, gate, eps, group_size, weight_offset, cast_first, out_dtype)
+    return rms_norm_reference(x, weight, gate, eps, group_size, weight_offset, cast_first, out_dtype).contiguous()
 
 
 @rms_norm.register_fake
@@ -69,11 +71,11 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
         from autodeploy.custom_ops.triton_rms_norm import triton_fused_add_rms_norm
 
         return triton_fused_add_rms_norm(x, residual, weight, eps, weight_offset, cast_first, out_dtype)
-    total = x + residual
-    return rms_norm_reference(total, weight, None, eps, 0, weight_offset, cast_first, out_dtype), total
+    total = (x + residual).contiguous()
+    return rms_norm_reference(total, weight, None, eps, 0, weight_offset, cast_first, out_dtype).contiguous(), total
 
 
 @fused_add_rms_norm.register_fake
 def _(x, residual, weight, eps, weight_offset, cast_first, out_dtype):
-    total = torch.empty_like(x + residual)
+    total = (x + residual).contiguous()
     return total.new_empty(total.shape, dtype=out_dtype), total

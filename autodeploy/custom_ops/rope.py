@@ -6,7 +6,9 @@ own cos/sin computation once for every position into two tables ([positions, rot
 dtype the model used), so this op only gathers rows by ``position_ids`` (a raw graph input) and
 rotates q and k together. ``rotary_dim`` < head_dim (partial rotary) rotates the leading channels
 and passes the rest through. Any rope scaling (linear, llama3, yarn, per-layer bases) is whatever
-the model's own code produced in the tables.
+the model's own code produced in the tables. Each output has the layout ``torch.empty_like`` gives
+its input (a transposed ``[1, heads, T, d]`` view stays transposed) on every path and in the fake
+implementation, so compiled graphs see the strides they were traced with.
 """
 
 from __future__ import annotations
@@ -51,7 +53,16 @@ def rope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, cos: torc
         from autodeploy.custom_ops.triton_rope import triton_rope
 
         return triton_rope(q, k, position_ids, cos, sin, token_dim)
-    return rope_reference(q, k, position_ids, cos, sin, token_dim)
+    q_out, k_out = rope_reference(q, k, position_ids, cos, sin, token_dim)
+    return _laid_out_like(q_out, q), _laid_out_like(k_out, k)
+
+
+def _laid_out_like(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``out`` in ``torch.empty_like(like)``'s layout (a copy only where the strides differ)."""
+    target = torch.empty_like(like)
+    if out.stride() == target.stride():
+        return out
+    return target.copy_(out)
 
 
 @rope.register_fake

@@ -6,22 +6,33 @@ attention layer is NemotronH's own, masked by transformers' sliding-window causa
 in a ``DynamicCache`` sliding layer. Everything that computes (Mamba2 mixer, attention, masks,
 cache, ``generate()``) is transformers' code, so it stays an oracle nobody here wrote; the glue
 below only routes the new block type to it.
+
+transformers 5.24 renamed the cache argument and output field ``past_key_values`` to ``cache``;
+the glue passes it under whichever name the installed transformers uses (``CACHE_ARG``).
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
-from transformers import NemotronHConfig, NemotronHForCausalLM
-from transformers.masking_utils import (
+
+from autodeploy.hf_version import check_transformers_version
+
+check_transformers_version()
+
+from transformers import NemotronHConfig, NemotronHForCausalLM  # noqa: E402
+from transformers.masking_utils import (  # noqa: E402
     create_causal_mask,
     create_recurrent_attention_mask,
     create_sliding_window_causal_mask,
 )
-from transformers.modeling_outputs import MoeModelOutputWithPast
-from transformers.models.nemotron_h import modeling_nemotron_h as nemotron_h
+from transformers.modeling_outputs import MoeModelOutputWithPast  # noqa: E402
+from transformers.models.nemotron_h import modeling_nemotron_h as nemotron_h  # noqa: E402
 
 SLIDING = "sliding_attention"
+CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
 class HybridConfig(NemotronHConfig):
@@ -45,12 +56,19 @@ class HybridConfig(NemotronHConfig):
             NemotronHConfig.validate_layer_type(self)
 
 
+def _first_layer(config, block_type: str) -> int | None:
+    types = list(config.layers_block_type)
+    return types.index(block_type) if block_type in types else None
+
+
 def _masks(config, inputs_embeds, attention_mask, cache, position_ids) -> dict:
-    kwargs = dict(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                  cache=cache, position_ids=position_ids)
+    """Each attention kind's mask, sized by the first cache layer of that kind (transformers before
+    5.24 sizes a full-attention mask by cache layer 0 unless told, here a Mamba layer)."""
+    kwargs = {"config": config, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
+              CACHE_ARG: cache, "position_ids": position_ids}
     return {
-        "full_attention": create_causal_mask(**kwargs),
-        SLIDING: create_sliding_window_causal_mask(**kwargs),
+        "full_attention": create_causal_mask(**kwargs, layer_idx=_first_layer(config, "full_attention")),
+        SLIDING: create_sliding_window_causal_mask(**kwargs, layer_idx=_first_layer(config, SLIDING)),
         "linear_attention": create_recurrent_attention_mask(**kwargs),
     }
 
@@ -83,8 +101,9 @@ class HybridModel(nemotron_h.NemotronHModel):
         self.norm_f = nemotron_h.NemotronHRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.post_init()
 
-    def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, cache=None, use_cache=None,
+    def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, use_cache=None,
                 attention_mask=None, **kwargs):
+        cache = kwargs.pop(CACHE_ARG, None)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -100,9 +119,9 @@ class HybridModel(nemotron_h.NemotronHModel):
             masks = _masks(self.config, inputs_embeds, attention_mask, cache, position_ids)
         for block in self.layers:
             hidden_states = block(hidden_states, attention_mask=masks.get(block.mask_type),
-                                  position_ids=position_ids, cache=cache, use_cache=use_cache, **kwargs)
+                                  position_ids=position_ids, use_cache=use_cache, **{CACHE_ARG: cache}, **kwargs)
         return MoeModelOutputWithPast(last_hidden_state=self.norm_f(hidden_states),
-                                      cache=cache if use_cache else None)
+                                      **{CACHE_ARG: cache if use_cache else None})
 
 
 class HybridForCausalLM(NemotronHForCausalLM):
@@ -116,5 +135,5 @@ class HybridForCausalLM(NemotronHForCausalLM):
         self.post_init()
 
     @staticmethod
-    def create_masks_for_generate(config, inputs_embeds, attention_mask, cache, position_ids=None, **_):
-        return _masks(config.get_text_config(), inputs_embeds, attention_mask, cache, position_ids)
+    def create_masks_for_generate(config, inputs_embeds, attention_mask, position_ids=None, **kwargs):
+        return _masks(config.get_text_config(), inputs_embeds, attention_mask, kwargs.get(CACHE_ARG), position_ids)
