@@ -67,4 +67,4 @@ def test_unknown_cli_command_names_the_commands(capsys):
     for argv in (["frobnicate"], ["-v", "serv"]):
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert f"unknown command {argv[-1]!r}; commands: run, graph, info, bench" in err, err
+        assert f"unknown command {argv[-1]!r}; commands: run, serve, graph, info, bench" in err, err
