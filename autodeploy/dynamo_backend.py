@@ -285,7 +285,7 @@ class _DynamoMaskProbe(MaskProbe):
         self.position_inputs: set[Node] = set()
         self.guards: list[tuple[torch.SymInt, int]] = []  # (symbolic size, bound it was probed up to)
 
-    def window(self, mask: Node, additive: bool) -> int:
+    def kind(self, mask: Node, additive: bool) -> tuple[int, int]:
         key = (mask, additive)
         if key not in self.cache:
             val = _val(mask)

@@ -162,8 +162,9 @@ class Engine:
         self._finish(req, "abort")
 
     def has_unfinished(self) -> bool:
-        """Requests waiting or running, or a step whose tokens the host has not read yet."""
-        return bool(self.waiting or self.running or self._inflight)
+        """Requests waiting or running (a running one may only await its last token from the step in
+        flight; the lanes of requests that finished or were aborted meanwhile are dropped unread)."""
+        return bool(self.waiting or self.running)
 
     def _pages_for(self, tokens: int) -> int:
         return -(-tokens // self.sizes.page_size) if self.pools.pages.capacity else 0
