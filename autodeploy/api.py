@@ -275,7 +275,7 @@ def _cached_graph(model: nn.Module, cfg: DeployConfig):
     """Export ``model`` and run the cached pipeline: (graph, transform infos)."""
     chosen = _backends(cfg)
     gm = export_model(model, max_seq_len=cfg.max_seq_len)
-    names = cached_pipeline(cfg.perf_transforms, cfg.checked)
+    names = cached_pipeline(cfg.perf_transforms, cfg.checked, cfg.device)
     if cfg.tensor_parallel_size > 1:  # on the plain exported graph, before fusions and caches
         names = (*names[:1], "shard_tensor_parallel", *names[1:])
     options = {

@@ -54,3 +54,12 @@ def test_disabled_transform_is_skipped_and_dump_written(tmp_path):
     dumped = (tmp_path / "00_match_attention.txt").read_text()
     assert "autodeploy.attention" in dumped
     assert "[match_attention] 2 matches" in info.summary()
+
+
+def test_rewrites_not_yet_run_on_a_gpu_are_off_there_unless_asked_for():
+    from autodeploy.transforms.pipeline import NOT_YET_ON_GPU, cached_pipeline
+
+    assert NOT_YET_ON_GPU <= set(cached_pipeline())  # on the CPU (interpreter-tested): on
+    assert not NOT_YET_ON_GPU & set(cached_pipeline(device="cuda"))
+    assert "fuse_mamba_decode" in cached_pipeline({"fuse_mamba_decode": True}, device="cuda:0")
+    assert "match_linear" in cached_pipeline(device="cuda")  # run on the GPU: on
