@@ -1,4 +1,4 @@
-"""The main job on the embedded default: a tiny hybrid model (Mamba2 + sliding-window attention +
+"""The demo on the embedded default: a tiny hybrid model (Mamba2 + sliding-window attention +
 full attention, see models/hybrid.py), built from a config with seeded random weights, no download.
 
 Builds the engine (export, transforms, cache pools), serves prompts of different lengths

@@ -3,7 +3,7 @@
 The embedded hybrid model and the export patches call transformers internals (mask builders, the
 attention interface, the Mamba2 hub-kernel entry points) whose signatures change between minor
 releases; outside the tested range the failure would be a TypeError deep inside a model. Both ends
-of the range are run in CI (the newest with the whole test suite, the oldest with the main job and
+of the range are run in CI (the newest with the whole test suite, the oldest with the demo and
 the token-parity tests).
 """
 
