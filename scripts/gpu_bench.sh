@@ -9,15 +9,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
-  export PYTHONPATH=/tmp/site
-fi
-if compgen -G ".fi_cache/fi_cache.tgz.*" > /dev/null; then
-  mkdir -p ~/.cache && cat .fi_cache/fi_cache.tgz.* | tar xzf - -C ~/.cache
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD:$PWD/tests"
+. scripts/gpu_env.sh
 quiet() { grep -v '^\[transformers\]\|_warn_once\|UserWarning\|warnings.warn'; }
 save_builds() {  # bring the flashinfer JIT builds back after every section (pieces under 16 MB), so a
   [ -d ~/.cache/flashinfer ] || return 0  # call cut short still returns what it built

@@ -10,15 +10,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
-  export PYTHONPATH=/tmp/site
-fi
-if compgen -G ".fi_cache/fi_cache.tgz.*" > /dev/null; then
-  mkdir -p ~/.cache && cat .fi_cache/fi_cache.tgz.* | tar xzf - -C ~/.cache
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD:$PWD/tests:$PWD/benchmarks"
+. scripts/gpu_env.sh
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
