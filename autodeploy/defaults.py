@@ -10,6 +10,7 @@ gives wins; the functions here are pure (facts in, choices out) and unit-tested 
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +38,10 @@ class DeviceFacts:
         if not str(device).startswith("cuda"):
             return cls(str(device))
         dev = torch.device(device)
+        gc.collect()  # engines dropped but not yet collected (reference cycles) still hold caches
         free, total = torch.cuda.mem_get_info(dev)
+        # memory torch's allocator holds but no tensor uses is free for our caches too
+        free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
         return cls(str(device), torch.cuda.get_device_name(dev), total, free)
 
     @property

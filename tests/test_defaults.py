@@ -114,5 +114,5 @@ def test_gpu_defaults_take_a_long_prompt():
     prompt = torch.randint(0, model.config.vocab_size, (512,), generator=torch.Generator().manual_seed(0)).tolist()
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     out = llm.generate([{"prompt_token_ids": prompt}], params)[0].outputs[0].token_ids
-    eager = LLM(build_model("hybrid").to(torch.bfloat16), compile_mode="eager", max_seq_len=1024)
+    eager = LLM(build_model("hybrid").to(torch.bfloat16), compile_mode="eager", max_seq_len=1024, max_cache_bytes=2**28)
     assert out == eager.generate([{"prompt_token_ids": prompt}], params)[0].outputs[0].token_ids

@@ -108,7 +108,8 @@ def check(args, meta, opts, out_tol=1e-5, state_tol=1e-5):
     torch.testing.assert_close(out.float(), expected.float(), rtol=out_tol, atol=out_tol)
     for name in CACHES:
         if ref[name] is not None:
-            torch.testing.assert_close(fused[name], ref[name], rtol=state_tol, atol=state_tol, msg=name)
+            torch.testing.assert_close(fused[name], ref[name], rtol=state_tol, atol=state_tol,
+                                           msg=lambda m, name=name: f"{name}: {m}")
     assert torch.isfinite(out).all() and out.abs().max() > 0
     return out, fused
 
