@@ -11,7 +11,7 @@ OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 P="python3 -m pytest -q -p no:cacheprovider -o log_level=WARNING"
 status=0
-timeout "${TESTS_LIMIT:-200}" $P -m gpu tests/test_gpu.py tests/test_defaults.py tests/test_self_check.py \
+timeout "${TESTS_LIMIT:-420}" $P -m gpu tests/test_gpu.py tests/test_defaults.py tests/test_self_check.py \
   tests/custom_ops/test_triton_mamba_mixer.py -k "long_prompt or false_alarm or bench_hybrid_sizes or immune_to_poison \
   or (cuda_graphs_give_eager_tokens and (hybrid or gemma3 or mamba2))" 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -8 || status=1
 timeout "${OPS_LIMIT:-120}" $P tests/custom_ops/test_linear.py tests/custom_ops/test_norm_linear.py \

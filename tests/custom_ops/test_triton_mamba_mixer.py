@@ -226,7 +226,11 @@ def test_bench_hybrid_sizes_on_the_gpu_eager_and_captured(batch):
     lanes = [(1, 100 + i, i + 1, 0, False) for i in range(batch)] + [(0, 0, 0, 0, False)]
     args, meta = make_step(lanes, h=h, p=p, g=g, n=n, k=k, dtype=torch.bfloat16, seed=9, num_slots=batch + 2)
     opts = options(h, p, g, n, norm_in=torch.bfloat16, cast_first=False, out=torch.bfloat16)
-    eager, eager_caches = check(args, meta, opts, out_tol=2**-7, state_tol=1e-4)
+    # state_tol: the conv output is rounded to bf16 before the scan, and the fused and the separate conv
+    # kernels accumulate in different orders, so an element of x or B can land one bf16 ulp apart, which
+    # moves the state elements it feeds by up to ~1e-2 (measured at batch 64 on an H200: 327 of 34.6 M
+    # state elements, at most 0.0085); a wrong lane, slot or head moves whole rows by O(1)
+    eager, eager_caches = check(args, meta, opts, out_tol=2**-7, state_tol=2**-6)
     static = {k_: (v.clone() if k_ in CACHES and v is not None else v) for k_, v in args.items()}
     ids = torch.zeros(1, args["xBC"].shape[-1], dtype=torch.long, device=DEVICE)
     graph = torch.cuda.CUDAGraph()
