@@ -266,5 +266,8 @@ def test_every_triton_kernel_compiles_for_sm90(recorded, triton_version, monkeyp
     kernels = {fn.fn.__name__ for name, mod in list(sys.modules.items()) if name.startswith("autodeploy.custom_ops.triton_")
                for fn in vars(mod).values() if isinstance(fn, InterpretedFunction) and fn.fn.__name__.endswith("_kernel")}
     assert len(kernels) >= 8 and kernels <= launched, f"kernels never launched here: {sorted(kernels - launched)}"
+    for launch in [v for v in recorded.values() if "PDL" in v["args"]]:  # programmatic dependent launch too
+        pdl = {**launch, "args": {**launch["args"], "PDL": ("scalar", True)}, "options": {**launch["options"], "launch_pdl": True}}
+        recorded[json.dumps(pdl, sort_keys=True, default=str)] = pdl
     failures = _compile_for_sm90(recorded, triton_path)
     assert not failures, "\n".join(failures)
