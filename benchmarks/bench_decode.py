@@ -18,7 +18,7 @@ import time
 import torch
 
 from autodeploy import LLM, SamplingParams
-from autodeploy.custom_ops import triton_gemv
+from autodeploy.custom_ops import triton_pdl
 from autodeploy.models import build_model
 
 
@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", metavar="MODE:ATTN[:SSM[:FLAG...]]",
                     help="explicit (compile mode, attention backend[, SSM backend]) instead of --compile x --attn; "
                          "flags: 'sync' (async scheduling off), 'no-<transform>' / 'with-<transform>' (a perf transform off / on), "
-                         "'pdl' (one-row GEMVs with programmatic dependent launch)")
+                         "'pdl' (Triton kernels with programmatic dependent launch)")
     ap.add_argument("--attn", nargs="+", default=["auto"], help="attention backends to time side by side")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--append", action="store_true", help="add the rows to an existing decode.json")
@@ -129,7 +129,7 @@ def main() -> None:
                if args.configs else [(mode, attn, "auto", ()) for mode in args.compile for attn in args.attn])
     for bs, mode, attn, ssm, flags in [(bs, *c) for bs in args.batch for c in configs]:
         perf = {f[3:]: False for f in flags if f.startswith("no-")} | {f[5:]: True for f in flags if f.startswith("with-")}
-        triton_gemv.PDL_ENABLED = "pdl" in flags  # read at each launch: CUDA graphs capture it
+        triton_pdl.PDL_ENABLED = "pdl" in flags  # read at each launch: CUDA graphs capture it
         prompts = torch.randint(0, model.config.vocab_size, (bs, args.prompt), generator=g).tolist()
         t0 = time.perf_counter()
         llm = LLM(model, dtype="bfloat16", device="cuda", max_batch_size=bs, page_size=16,

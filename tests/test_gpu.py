@@ -91,6 +91,25 @@ def test_cuda_graphs_give_eager_tokens(name):
     assert tokens(LLM(model, compile_mode="inductor+cudagraph", **fast), ps, params) == ref
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs a Hopper or newer GPU")
+@pytest.mark.parametrize("name", ["hybrid", "gemma3"])
+def test_programmatic_dependent_launch_gives_the_same_tokens(name, monkeypatch):
+    """Every Triton kernel launched with programmatic dependent launch (each waits for the kernel
+    before it first): the same tokens as plain launches, eager and from CUDA graphs, with draft-model
+    speculation too."""
+    from autodeploy.custom_ops import triton_pdl
+
+    model = build_model(name)
+    ps, params = prompts(model.config.vocab_size), SamplingParams(max_tokens=24, ignore_eos=True)
+    spec = {"method": "draft_model", "model": build_model(name), "num_speculative_tokens": 3}
+    fast = dict(attn_backend="triton", ssm_backend="triton", **OPTIONS)
+    ref = tokens(LLM(model, compile_mode="eager", **fast), ps, params)
+    monkeypatch.setattr(triton_pdl, "PDL_ENABLED", True)
+    assert tokens(LLM(model, compile_mode="eager", **fast), ps, params) == ref
+    assert tokens(LLM(model, compile_mode="cudagraph", speculative_config=spec, **fast), ps, params) == ref
+
+
 def test_cuda_graph_replays_are_immune_to_poison():
     """Before every replay the captured graphs' private memory pool (all their intermediates:
     every derived metadata buffer) and every unowned cache region are filled with garbage; the

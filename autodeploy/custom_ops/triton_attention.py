@@ -22,6 +22,7 @@ from triton.runtime.jit import JITFunction
 
 from autodeploy.custom_ops.triton_kv_write import triton_write_kv
 from autodeploy.custom_ops.triton_lanes import lane_lengths, owning_lane
+from autodeploy.custom_ops.triton_pdl import pdl_launch, pdl_wait
 
 __all__ = ["triton_cached_attention"]
 
@@ -40,7 +41,9 @@ def _paged_attention_kernel(
     BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_L: tl.constexpr,
     HAS_SOFT_CAP: tl.constexpr, HAS_SINKS: tl.constexpr, DOTS_IN_FP32: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)
     # Tile rows are (query token, head of the GQA group) pairs: row r = token r // BLOCK_G of this
     # block, query head kv_head * GROUP + r % BLOCK_G. Padded rows/columns are masked everywhere.
     BLOCK_M: tl.constexpr = BLOCK_Q * BLOCK_G
@@ -132,8 +135,9 @@ def _paged_attention_kernel(
 def _combine_splits_kernel(part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, num_tokens, num_q_heads,
                            stride_ot, stride_oh, stride_od,
                            HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-                           BLOCK_D: tl.constexpr):
+                           BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
     """One (token, query head): the splits' softmax pieces rescaled to their common maximum."""
+    pdl_wait(PDL)
     token, head = tl.program_id(0), tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
     split_ok = splits < NUM_SPLITS
@@ -213,12 +217,13 @@ def triton_cached_attention(
         BLOCK_N=64 if d <= 128 else 32,  # keys map to pages one by one: a block may span pages
         BLOCK_D=block_d, BLOCK_L=max(2, triton.next_power_of_2(num_lanes)),
         HAS_SOFT_CAP=soft_cap > 0, HAS_SINKS=sinks is not None,
-        DOTS_IN_FP32=_INTERPRETED and q.dtype == torch.bfloat16, NUM_SPLITS=splits,
+        DOTS_IN_FP32=_INTERPRETED and q.dtype == torch.bfloat16, NUM_SPLITS=splits, **pdl_launch(q.device),
     )
     if splits > 1:
         _combine_splits_kernel[(num_tokens, hq)](
             part_acc, part_m, part_l, out[0], num_tokens, hq, *out[0].stride(),
-            HEAD_DIM=d, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d)
+            HEAD_DIM=d, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
+            **pdl_launch(q.device))
     return out
 
 

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from autodeploy.custom_ops.causal_conv1d import ACTIVATIONS
+from autodeploy.custom_ops.triton_pdl import pdl_launch, pdl_wait
 
 __all__ = ["triton_cached_causal_conv1d", "launch_cached_causal_conv1d"]
 
@@ -68,7 +69,9 @@ def _lane_state_kernel(
     stride_pl, stride_pc, stride_pk,
     KM1: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_REPLAY: tl.constexpr, HAS_SKIP: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)
     lane = tl.program_id(0)
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ch_ok = ch < channels
@@ -130,7 +133,9 @@ def _conv_output_kernel(
     stride_pl, stride_pc, stride_pk,
     KW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     t_ok, ch_ok = t < num_tokens, ch < channels
@@ -216,7 +221,7 @@ def launch_cached_causal_conv1d(x, weight, bias, activation, conv_state, replay_
         c, capacity,
         *x[0].stride(), *conv_state.stride(), *replay.stride(), *start_state.stride(),
         KM1=k - 1, BLOCK_K=max(2, triton.next_power_of_2(k - 1)), BLOCK_C=block_c, BLOCK_T=16,
-        HAS_REPLAY=replay_conv is not None, HAS_SKIP=skip is not None,
+        HAS_REPLAY=replay_conv is not None, HAS_SKIP=skip is not None, **pdl_launch(x.device),
     )
     if num_tokens == 0:
         return out
@@ -229,7 +234,7 @@ def launch_cached_causal_conv1d(x, weight, bias, activation, conv_state, replay_
         *x[0].stride(), *out[0].stride(), *weight.stride(), *start_state.stride(),
         KW=k, BLOCK_C=block_c, BLOCK_T=block_t, SEARCH_STEPS=num_lanes.bit_length(),
         HAS_BIAS=bias is not None,
-        SILU=ACTIVATIONS[activation] is F.silu,
+        SILU=ACTIVATIONS[activation] is F.silu, **pdl_launch(x.device),
     )
     return out
 

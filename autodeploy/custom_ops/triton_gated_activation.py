@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from autodeploy.custom_ops.gated_activation import ACTIVATIONS
+from autodeploy.custom_ops.triton_pdl import pdl_launch, pdl_wait
 
 __all__ = ["triton_gated_activation"]
 
@@ -22,7 +23,8 @@ def _tanh(x):
 
 @triton.jit
 def _gated_kernel(gate_ptr, up_ptr, out_ptr, n_cols, stride_g, stride_u, ACT: tl.constexpr, HAS_UP: tl.constexpr,
-                  BLOCK: tl.constexpr):
+                  BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)  # row * stride passes 2**31 for big steps
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n_cols
@@ -62,5 +64,5 @@ def triton_gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: st
     if rows:
         _gated_kernel[(rows, triton.cdiv(n, block))](g2, u2, out, n, g2.stride(0), u2.stride(0),
                                                        ACT=ACTIVATIONS.index(activation), HAS_UP=up is not None,
-                                                       BLOCK=block)
+                                                       BLOCK=block, **pdl_launch(gate.device))
     return out

@@ -10,33 +10,27 @@ fill), one rounding at the end. Tiles: ``gemv_config``, from a sweep on an H200
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-__all__ = ["triton_gemv", "gemv_config", "use_pdl"]
+from autodeploy.custom_ops.triton_pdl import pdl_launch, pdl_wait
 
-# programmatic dependent launch for the one-row GEMV kernels (see ``use_pdl``)
-PDL_ENABLED = False
+__all__ = ["triton_gemv", "gemv_config"]
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 PDL: tl.constexpr):
+                 PDL: tl.constexpr = False):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     n_ok = rn < N
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
     # the first K step of the weights reads nothing an earlier kernel writes: under programmatic
-    # dependent launch it is loaded while the previous kernel finishes, and only x waits for it
+    # dependent launch (triton_pdl) it is loaded while the previous kernel finishes; x waits
     w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & (rk < K)[None, :], other=0.0)
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl_wait(PDL)
     x = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
     acc = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
     for k0 in range(BLOCK_K, K, BLOCK_K):
@@ -51,13 +45,6 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn,
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + rn, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
-
-
-def use_pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch (Hopper and newer, not under the interpreter) when
-    ``PDL_ENABLED``: a kernel's weight loads overlap the tail of the kernel before it."""
-    return (PDL_ENABLED and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
-            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def gemv_config(n: int, k: int) -> dict:
@@ -79,8 +66,7 @@ def triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     cfg = dict(config or gemv_config(n, k))
     block_n, block_k = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
-    pdl = use_pdl(x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x1, weight, bias if bias is not None else weight, out, n, k, weight.stride(0), HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, PDL=pdl, launch_pdl=pdl, **cfg)
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, **pdl_launch(x.device), **cfg)
     return out.view(*x.shape[:-1], n)

@@ -12,12 +12,15 @@ import torch
 import triton
 import triton.language as tl
 
+from autodeploy.custom_ops.triton_pdl import pdl_launch, pdl_wait
+
 __all__ = ["triton_write_kv"]
 
 
 @triton.jit
 def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, write_idx_ptr, stride_kt, stride_kh, stride_vt,
-                     stride_vh, heads, head_dim, BLOCK: tl.constexpr):
+                     stride_vh, heads, head_dim, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_wait(PDL)
     t = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     row_elems = heads * head_dim
@@ -41,4 +44,4 @@ def triton_write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
     block = min(1024, triton.next_power_of_2(heads * head_dim))
     _write_kv_kernel[(num_tokens, triton.cdiv(heads * head_dim, block))](
         k2, v2, k_cache, v_cache, write_idx, k2.stride(0), k2.stride(1), v2.stride(0), v2.stride(1), heads, head_dim,
-        BLOCK=block)
+        BLOCK=block, **pdl_launch(k_cache.device))

@@ -13,11 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
+from autodeploy.custom_ops.triton_pdl import pdl_launch, pdl_wait
+
 __all__ = ["triton_logit_rows"]
 
 
 @triton.jit
-def _logit_rows_kernel(seq_lens_ptr, verify_ptr, rows_ptr, num_lanes, num_rows, BLOCK: tl.constexpr):
+def _logit_rows_kernel(seq_lens_ptr, verify_ptr, rows_ptr, num_lanes, num_rows, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_wait(PDL)
     offs = tl.arange(0, BLOCK)
     token = tl.full([], 0, tl.int64)  # int64 from the start: the loop adds int64 lengths (the
     row = tl.full([], 0, tl.int64)    # GPU compiler rejects a loop-carried type change)
@@ -38,5 +41,5 @@ def triton_logit_rows(seq_lens: torch.Tensor, verify: torch.Tensor, num_rows: in
     rows = torch.empty(num_rows, dtype=torch.int64, device=seq_lens.device)
     if num_rows:
         _logit_rows_kernel[(1,)](seq_lens, verify.view(torch.uint8) if verify.dtype == torch.bool else verify, rows,
-                                 seq_lens.shape[0], num_rows, BLOCK=64)
+                                 seq_lens.shape[0], num_rows, BLOCK=64, **pdl_launch(seq_lens.device))
     return rows

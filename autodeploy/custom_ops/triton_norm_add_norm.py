@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from autodeploy.custom_ops.triton_pdl import pdl_launch, pdl_wait
+
 __all__ = ["triton_norm_add_norm"]
 
 
@@ -24,7 +26,8 @@ def _norm(x, w_ptr, cols, ok, n_cols, eps, weight_offset, CAST_FIRST: tl.constex
 
 @triton.jit
 def _norm_add_norm_kernel(x_ptr, w1_ptr, res_ptr, w2_ptr, mid_ptr, sum_ptr, out_ptr, n_cols, eps1, offset1, eps2,
-                          offset2, CAST_FIRST1: tl.constexpr, CAST_FIRST2: tl.constexpr, BLOCK: tl.constexpr):
+                          offset2, CAST_FIRST1: tl.constexpr, CAST_FIRST2: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
@@ -49,5 +52,5 @@ def triton_norm_add_norm(x, weight, eps, weight_offset, cast_first, out_dtype, r
     if x2.shape[0]:
         _norm_add_norm_kernel[(x2.shape[0],)](x2, weight, res2, weight2, mid, total, out, n, eps, weight_offset, eps2,
                                               weight_offset2, CAST_FIRST1=cast_first, CAST_FIRST2=cast_first2,
-                                              BLOCK=triton.next_power_of_2(n))
+                                              BLOCK=triton.next_power_of_2(n), **pdl_launch(x.device))
     return out.view(x.shape), total.view(x.shape)

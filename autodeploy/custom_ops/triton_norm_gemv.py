@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from autodeploy.custom_ops.triton_gemv import gemv_config, use_pdl
+from autodeploy.custom_ops.triton_gemv import gemv_config
+from autodeploy.custom_ops.triton_pdl import pdl_launch, pdl_wait
 
 __all__ = ["triton_norm_gemv"]
 
@@ -22,16 +22,14 @@ __all__ = ["triton_norm_gemv"]
 @triton.jit
 def _norm_gemv_kernel(x_ptr, res_ptr, sum_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, eps, weight_offset,
                       HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, CAST_FIRST: tl.constexpr,
-                      K_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                      K_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     n_ok = rn < N
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
     # the first K step of the weights does not depend on earlier kernels (see triton_gemv)
     w_first = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & (rk < K)[None, :], other=0.0)
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl_wait(PDL)
     ka = tl.arange(0, K_POW2)
     row = tl.load(x_ptr + ka, mask=ka < K, other=0.0)
     if HAS_RESIDUAL:
@@ -78,10 +76,9 @@ def triton_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     cfg = dict(config or gemv_config(n, k))
     block_n, block_k = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
-    pdl = use_pdl(x.device)
     _norm_gemv_kernel[(triton.cdiv(n, block_n),)](
         x1, res1, total if total is not None else x1, norm_weight, weight, bias if bias is not None else weight, out,
         n, k, weight.stride(0), eps, weight_offset, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-        CAST_FIRST=cast_first, K_POW2=triton.next_power_of_2(k), BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl,
-        launch_pdl=pdl, **cfg)
+        CAST_FIRST=cast_first, K_POW2=triton.next_power_of_2(k), BLOCK_N=block_n, BLOCK_K=block_k,
+        **pdl_launch(x.device), **cfg)
     return out.view(*x.shape[:-1], n), (total.view(x.shape) if total is not None else None)

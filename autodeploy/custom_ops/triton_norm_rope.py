@@ -9,13 +9,16 @@ import torch
 import triton
 import triton.language as tl
 
+from autodeploy.custom_ops.triton_pdl import pdl_launch, pdl_wait
+
 __all__ = ["triton_norm_rope"]
 
 
 @triton.jit
 def _norm_rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, pos_ptr, cos_ptr, sin_ptr, hq, eps, weight_offset,
                       sq_t, sq_h, sk_t, sk_h, so_qt, so_qh, so_kt, so_kh,
-                      HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, CAST_FIRST: tl.constexpr):
+                      HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, CAST_FIRST: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_wait(PDL)
     token, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
     if head < hq:
         src = q_ptr + token * sq_t + head * sq_h
@@ -71,5 +74,5 @@ def triton_norm_rope(q, k, q_weight, k_weight, eps, weight_offset, cast_first, p
             weight_offset, q.stride(token_dim), q.stride(head_axis), k.stride(token_dim), k.stride(head_axis),
             qo.stride(token_dim), qo.stride(head_axis), ko.stride(token_dim), ko.stride(head_axis),
             HEAD_DIM=q.shape[-1], HALF=cos.shape[-1] // 2, BLOCK=triton.next_power_of_2(q.shape[-1]),
-            CAST_FIRST=cast_first)
+            CAST_FIRST=cast_first, **pdl_launch(q.device))
     return qo, ko

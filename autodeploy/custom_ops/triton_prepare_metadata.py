@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from autodeploy.custom_ops.triton_pdl import pdl_launch, pdl_wait
+
 __all__ = ["triton_prepare_attention_metadata", "triton_prepare_ssm_metadata"]
 
 
@@ -23,7 +25,9 @@ def _attention_metadata_kernel(
     seq_lens_ptr, cached_ptr, slots_ptr, table_ptr, write_ptr, kv_start_ptr, kv_len_ptr, pages_ptr, cu_ptr,
     num_tokens, num_lanes, table_width, table_stride_lane, table_stride_page, page_size, window, ring_pages,
     pages_width, attention_chunk, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)
     lanes = tl.arange(0, BLOCK_L)
     lane_ok = lanes < num_lanes
     lens = tl.load(seq_lens_ptr + lanes, mask=lane_ok, other=0).to(tl.int64)
@@ -88,13 +92,15 @@ def triton_prepare_attention_metadata(num_tokens: int, seq_lens, cached_lens, sl
         num_tokens, lanes, width, page_table.stride(0), page_table.stride(1), page_size, window, ring_pages, pages_width,
         attention_chunk,
         BLOCK_T=block_t, BLOCK_L=triton.next_power_of_2(lanes), BLOCK_P=min(max(2048 // triton.next_power_of_2(lanes), 8), triton.next_power_of_2(max(pages_width, 1))),
+        **pdl_launch(seq_lens.device),
     )
     return write, kv_start, kv_len, pages, cu
 
 
 @triton.jit
 def _ssm_metadata_kernel(seq_lens_ptr, cached_ptr, accepted_ptr, verify_ptr, cu_ptr, has_state_ptr, replay_ptr,
-                         is_verify_ptr, num_lanes, BLOCK_L: tl.constexpr):
+                         is_verify_ptr, num_lanes, BLOCK_L: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_wait(PDL)
     lanes = tl.arange(0, BLOCK_L)
     ok = lanes < num_lanes
     lens = tl.load(seq_lens_ptr + lanes, mask=ok, other=0).to(tl.int64)
@@ -116,5 +122,5 @@ def triton_prepare_ssm_metadata(seq_lens, cached_lens, accepted_lens, verify):
     is_verify = torch.empty(lanes, dtype=torch.bool, device=dev)
     _ssm_metadata_kernel[(1,)](seq_lens, cached_lens, accepted_lens, verify.view(torch.uint8), cu,
                                has_state.view(torch.uint8), replay, is_verify.view(torch.uint8), lanes,
-                               BLOCK_L=triton.next_power_of_2(lanes))
+                               BLOCK_L=triton.next_power_of_2(lanes), **pdl_launch(seq_lens.device))
     return cu, has_state, replay, is_verify

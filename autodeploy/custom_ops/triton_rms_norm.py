@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from autodeploy.custom_ops.triton_pdl import pdl_launch, pdl_wait
+
 __all__ = ["triton_rms_norm", "triton_fused_add_rms_norm"]
 
 
@@ -19,7 +21,9 @@ def _rms_norm_kernel(
     x_ptr, gate_ptr, res_ptr, sum_ptr, w_ptr, out_ptr, n_cols, groups, eps, weight_offset,
     GROUP: tl.constexpr, BLOCK: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     CAST_FIRST: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)
     row = (tl.program_id(0) // groups).to(tl.int64)  # row * n_cols passes 2**31 for big steps
     cols = (tl.program_id(0) % groups) * GROUP + tl.arange(0, BLOCK)
     ok = cols < ((tl.program_id(0) % groups) * GROUP + GROUP)
@@ -58,7 +62,7 @@ def _launch(x, weight, gate, residual, eps, group_size, weight_offset, cast_firs
         _rms_norm_kernel[(x2.shape[0] * groups,)](
             x2, gate2, res2, total, weight, out, n, groups, eps, weight_offset,
             GROUP=group, BLOCK=triton.next_power_of_2(group), HAS_GATE=gate is not None,
-            HAS_RESIDUAL=residual is not None, CAST_FIRST=cast_first,
+            HAS_RESIDUAL=residual is not None, CAST_FIRST=cast_first, **pdl_launch(x.device),
         )
     return out.view(x.shape), total.view(x.shape)
 

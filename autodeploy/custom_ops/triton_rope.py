@@ -11,13 +11,16 @@ import torch
 import triton
 import triton.language as tl
 
+from autodeploy.custom_ops.triton_pdl import pdl_launch, pdl_wait
+
 __all__ = ["triton_rope"]
 
 
 @triton.jit
 def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cos_ptr, sin_ptr, hq,
                  sq_t, sq_h, sk_t, sk_h, so_qt, so_qh, so_kt, so_kh,
-                 HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                 HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_wait(PDL)
     token, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
     is_q = head < hq
     if is_q:
@@ -58,6 +61,6 @@ def triton_rope(q, k, position_ids, cos, sin, token_dim):
             q.stride(token_dim), q.stride(head_dim_axis), k.stride(token_dim), k.stride(head_dim_axis),
             qo.stride(token_dim), qo.stride(head_dim_axis), ko.stride(token_dim), ko.stride(head_dim_axis),
             HEAD_DIM=q.shape[-1], HALF=rd // 2, BLOCK_H=triton.next_power_of_2(rd // 2),
-            BLOCK_D=triton.next_power_of_2(max(q.shape[-1] - rd, 1)),
+            BLOCK_D=triton.next_power_of_2(max(q.shape[-1] - rd, 1)), **pdl_launch(q.device),
         )
     return qo, ko

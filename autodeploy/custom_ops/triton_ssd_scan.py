@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from autodeploy.custom_ops.triton_pdl import pdl_launch, pdl_wait
+
 __all__ = ["triton_cached_ssd_scan", "launch_cached_ssd_scan", "CHUNKED_MIN_TOKENS"]
 
 # Lanes with at least this many tokens take the chunked (tl.dot) path, shorter ones the
@@ -157,7 +159,9 @@ def _cached_ssd_scan_kernel(
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, CHUNKED: tl.constexpr,
     HAS_SKIP: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)
     lane = tl.program_id(0)
     head = tl.program_id(1)
     group = head // HEADS_PER_GROUP
@@ -249,7 +253,9 @@ def _store_verify_inputs_kernel(
     replay_capacity,
     HEADS_PER_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_STATE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)
     # One program per (lane, head): copy a verify lane's tokens' x, dt (and B, from the first head
     # of each group) to positions 0.. of its slot's replay buffers, in the buffers' dtypes.
     lane = tl.program_id(0)
@@ -363,7 +369,7 @@ def launch_cached_ssd_scan(x, dt, A, B, C, D, dt_bias, ssm_state, replay_x, repl
             HEADS_PER_GROUP=h // g, HEAD_DIM=p, D_STATE=n,
             BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_T=block_t,
             HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),
-            CHUNKED=chunked, HAS_SKIP=skip is not None, num_warps=_NUM_WARPS,
+            CHUNKED=chunked, HAS_SKIP=skip is not None, num_warps=_NUM_WARPS, **pdl_launch(x.device),
         )
     if parallel:  # the lanes the scan left (disjoint slots and outputs: the order is free)
         triton_ssd_chunks.launch_parallel_chunks(
@@ -377,6 +383,7 @@ def launch_cached_ssd_scan(x, dt, A, B, C, D, dt_bias, ssm_state, replay_x, repl
             capacity,
             HEADS_PER_GROUP=h // g, HEAD_DIM=p, D_STATE=n,
             BLOCK_R=triton.next_power_of_2(max(capacity, 1)), BLOCK_P=triton.next_power_of_2(p), BLOCK_N=block_n,
+            **pdl_launch(x.device),
         )
     return y
 

@@ -71,7 +71,7 @@ def test_programmatic_dependent_launch_gives_the_same_bits(monkeypatch):
     residual between them), eager and replayed from a CUDA graph: launched with programmatic
     dependent launch (weights loaded before the wait), the results equal the plain launches bit
     for bit."""
-    from autodeploy.custom_ops import triton_gemv as gemv_module
+    from autodeploy.custom_ops import triton_pdl
     from autodeploy.custom_ops.triton_norm_gemv import triton_norm_gemv
 
     k = 2048
@@ -90,7 +90,7 @@ def test_programmatic_dependent_launch_gives_the_same_bits(monkeypatch):
 
     outs = {}
     for pdl in (False, True):
-        monkeypatch.setattr(gemv_module, "PDL_ENABLED", pdl)
+        monkeypatch.setattr(triton_pdl, "PDL_ENABLED", pdl)
         eager = chain(x0)
         static = x0.clone()
         chain(static)  # compile outside the capture
