@@ -47,3 +47,25 @@ def test_match_linear_keeps_the_bias():
     node = next(n for n in gm.graph.nodes if n.target == torch.ops.autodeploy.linear.default)
     assert node.args[2] is not None
     torch.testing.assert_close(gm(x), module(x))
+
+
+def test_a_weight_computed_in_the_graph_keeps_aten_linear():
+    """The one-row kernel may read its weights before the previous kernel finishes: only constant
+    weights (parameters) are rewritten, a weight the graph computes is left to aten.linear."""
+    class Computed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+            self.scale = torch.nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            return torch.nn.functional.linear(self.proj(x), self.scale * 2)
+
+    module = Computed()
+    x = torch.randn(2, 8)
+    gm = torch.export.export(module, (x,)).module()
+    info = run_pipeline(gm, ["match_linear"])[0]
+    counts = op_counts(gm)
+    assert info.num_matches == counts[torch.ops.autodeploy.linear.default] == 1
+    assert counts[torch.ops.aten.linear.default] == 1
+    torch.testing.assert_close(gm(x), module(x))
