@@ -1,5 +1,5 @@
 """benchmarks/report.py: the Markdown tables of a GPU run come from its JSON, numbers as measured
-(here the committed session-5 H100 results), and a section that failed is named, not dropped."""
+(here the committed 2026-11-25 H100 results), and a section that failed is named, not dropped."""
 
 import json
 import shutil
@@ -19,7 +19,7 @@ def _report(results_dir: Path) -> str:
 
 def test_report_renders_a_gpu_run(tmp_path):
     for name in ("decode", "suite", "transforms"):
-        shutil.copy(RESULTS / f"{name}_2026-11-25_session5.json", tmp_path / f"{name}.json")
+        shutil.copy(RESULTS / f"2026-11-25_h100_{name}_flashinfer_ssm.json", tmp_path / f"{name}.json")
     text = _report(tmp_path)
     decode = json.loads((tmp_path / "decode.json").read_text())["rows"]
     best = max(decode, key=lambda r: r["decode_tok_s"] if r["batch"] == 1 else 0)
