@@ -18,8 +18,11 @@ from autodeploy.cli import main
 
 def _start(*args):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # started as from a terminal: a test run launched in the background inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler for uvicorn to hand the signal back to
     proc = subprocess.Popen([sys.executable, "-m", "autodeploy", "serve", "--port", "0", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     for line in proc.stderr:
         if line.startswith("autodeploy serve: "):
