@@ -97,7 +97,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     eg.add_argument("--max-num-tokens", type=int, metavar="N", help="token budget per step (prefill chunk)")
     eg.add_argument("--page-size", type=int, metavar="N", help="tokens per full-attention KV page")
     eg.add_argument("--device", metavar="DEV", help="cpu or cuda[:i] (default: cuda when a GPU is visible)")
-    eg.add_argument("--dtype", choices=sorted(DTYPES), help="model and cache dtype (default: float32 on the CPU, the checkpoint's on a GPU)")
+    eg.add_argument("--dtype", choices=sorted(DTYPES),
+                    help="model and cache dtype (default: float32 on the CPU, the checkpoint's on a GPU)")
     eg.add_argument("--attn-backend", choices=BACKEND_CHOICES, help="cached attention backend (default auto)")
     eg.add_argument("--ssm-backend", choices=BACKEND_CHOICES, help="cached Mamba2 scan/conv backend (default auto)")
     eg.add_argument("--compile-mode", choices=sorted(COMPILE_MODES), metavar="MODE",
@@ -490,7 +491,7 @@ def gather_info() -> dict[str, Any]:
     table: dict[str, dict[str, Any]] = {}
     for device in ("cpu", "cuda"):
         table[device] = {}
-        for backend in backends.PREFERENCE[::-1]:
+        for backend in backends.BACKENDS:
             reason = devices[device] if device == "cuda" and devices[device] else None
             reason = reason or backends.unavailable_reason(backend, device)
             ops = [f for f in families if backend in backends.CACHED_OPS[f]]
@@ -660,7 +661,8 @@ def _launch_tensor_parallel(argv: list[str], tp: int, verbose: bool) -> int:
     """Run ``autodeploy ARGV`` in ``tp`` processes under torchrun (torch.distributed.run, a free
     local port); returns the exit code of the first rank that failed, else 0."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run as torchrun
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as torchrun
 
     if not verbose:  # a failing rank prints its own one-line error; the agent's report repeats it
         for name in ("torch.distributed.elastic", "torch.distributed.run"):

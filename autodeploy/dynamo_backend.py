@@ -26,9 +26,10 @@ several subgraphs for one forward mean graph breaks (``torch._dynamo.explain`` n
 Options (``torch.compile(..., options={...})``): ``inductor`` (bool, default True; on the CPU a
 failing inductor compile falls back to eager with a warning unless ``inductor=True`` was given),
 ``match_attention`` (bool, default True), ``ssm_backend`` ("auto" | "torch" | "triton" |
-"flashinfer", the last meaning the Triton kernels here; see ``autodeploy.backends``), ``probe_length`` (int, default 4096: masks of dynamic-length graphs
-are probed at the larger of it and the current length rounded up to a power of two; a guard
-``seq_len <= that length`` recompiles beyond it),
+"flashinfer", the last meaning the Triton kernels here; see ``autodeploy.backends``),
+``probe_length`` (int, default 4096: masks of dynamic-length graphs are probed at the larger of it
+and the current length rounded up to a power of two; a guard ``seq_len <= that length``
+recompiles beyond it),
 ``inductor_config`` (dict of inductor config patches).
 """
 
@@ -40,8 +41,9 @@ import functools
 import logging
 import math
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +51,7 @@ from torch.fx import GraphModule, Node
 
 import autodeploy.custom_ops  # noqa: F401  (registers the canonical ops)
 from autodeploy import backends
-from autodeploy.custom_ops.attention import attention_reference
+from autodeploy.custom_ops.attention import attention_reference, causal_mask
 from autodeploy.custom_ops.causal_conv1d import ACTIVATIONS, causal_conv1d_reference
 from autodeploy.export import MAMBA_ROUTES, hub_kernel_name, route_mamba_entry_points, ssm_mixers
 from autodeploy.fx_utils import ancestors, subgraph_module
@@ -162,13 +164,7 @@ def sdpa_attention(q, k, v, scale: float, sliding_window: int = 0, soft_cap: flo
     sq, skv = q.shape[1], k.shape[1]
     gqa = q.shape[2] != k.shape[2]
     if sliding_window > 0 or attention_chunk > 0 or sq != skv:
-        q_pos = torch.arange(skv - sq, skv, device=q.device)[:, None]
-        k_pos = torch.arange(skv, device=q.device)[None, :]
-        mask = k_pos <= q_pos
-        if sliding_window > 0:
-            mask = mask & (k_pos > q_pos - sliding_window)
-        if attention_chunk > 0:
-            mask = mask & (k_pos // attention_chunk == q_pos // attention_chunk)
+        mask = causal_mask(sq, skv, sliding_window, attention_chunk, q.device)
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=gqa)
     else:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)

@@ -20,9 +20,10 @@ import math
 import operator
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import networkx as nx
 import torch
@@ -65,8 +66,8 @@ def _family(op: str) -> tuple[str, str | None]:
     from autodeploy.backends import CACHED_OPS
 
     for family, by_backend in CACHED_OPS.items():
-        for backend, (_, name) in by_backend.items():
-            if name == op:
+        for backend, entry in by_backend.items():
+            if entry.op == op:
                 return family, backend
     if op in CACHED_OPS:
         return op, None
@@ -415,7 +416,7 @@ def summarize(gm_or_llm: Any, infos: Sequence[Any] | None = None, sizes: Any = N
         for fam in dict.fromkeys([*fam_before, *fam_after]):
             lines.append(f"  {', '.join(fam_before.get(fam, [])) or '-'} -> {', '.join(fam_after.get(fam, [])) or '-'}")
     else:
-        for fam, ops in fam_after.items():
+        for ops in fam_after.values():
             lines.append("  " + ", ".join(ops))
     prep_counts = collections.Counter(p.op for p in view.prepares)
     if prep_counts:

@@ -2,9 +2,9 @@
 as real processes (``python -m autodeploy``); the rest call ``main(argv)`` in this process."""
 
 import json
-import re
 import logging
 import os
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET

@@ -721,7 +721,6 @@ class ShardTensorParallel(Transform):
             info.num_matches += 1
         info.details.update(all_reduces=len(sharded), sharded=sharded, replicated=replicated,
                             replicated_kv_heads=replicated_kv)
-        gm.meta["autodeploy_tensor_parallel"] = dict(info.details)
         if sharded:
             _refresh_shapes(gm)
             info.changed = True

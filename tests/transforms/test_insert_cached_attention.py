@@ -9,7 +9,6 @@ from autodeploy.models import build_model
 from autodeploy.runtime.batch import BatchInputs, LaneInput
 from autodeploy.runtime.pools import CachePools, PoolSizes
 from autodeploy.transforms import run_pipeline
-
 from helpers import ATTENTION, op_counts
 
 CACHED = torch.ops.autodeploy.torch_cached_attention.default
@@ -68,7 +67,6 @@ def test_a_window_that_never_binds_shares_the_full_pool():
     would be larger than a full-length page list (4 pages), so the layer uses the full pool and
     keeps its window argument; tokens equal transformers."""
     from autodeploy import LLM, SamplingParams
-
     from helpers import hf_greedy_uncached
 
     model = build_model("mistral")
