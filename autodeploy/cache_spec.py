@@ -42,7 +42,8 @@ class CacheSpec:
 
     kind "kv": a paged K or V pool, shape [pages, page_size, *shape]; pool names which pool
     ("kv_full", "kv_swa_<W>" or "kv_chunk_<C>") sizes it; window is the ring's bound (W, or C).
-    kind "state": per-slot state, shape [slots, *shape].
+    kind "state": per-slot state, shape [slots, *shape]. ring_pages: a windowed kv pool's pages per
+    slot, as the graph's prepare node addresses them: the pools allocate exactly that many.
     """
 
     name: str
@@ -51,3 +52,4 @@ class CacheSpec:
     shape: tuple[int, ...]
     dtype: torch.dtype
     window: int = 0
+    ring_pages: int = 0

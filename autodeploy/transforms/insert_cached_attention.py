@@ -83,16 +83,17 @@ class InsertCachedAttention(Transform):
             k_val = kw["k"].meta.get("val")
             hkv, head_dim = k_val.shape[2], k_val.shape[3]
             pool = (chunk_pool(window) if chunk else swa_pool(window)) if window > 0 else POOL_FULL
+            key = (window, chunk)
+            if key not in ring_pages_of:
+                ring_pages_of[key] = swa_ring_pages(window, cfg.max_num_tokens, cfg.page_size) if window > 0 else 0
+            ring = ring_pages_of[key]
             caches = []
             for which in ("k", "v"):
                 name = f"{which}_cache_{index}"
-                specs.append(CacheSpec(name, "kv", pool, (hkv, head_dim), k_val.dtype, window))
+                specs.append(CacheSpec(name, "kv", pool, (hkv, head_dim), k_val.dtype, window, ring))
                 caches.append(graph_input(gm, name))
             with graph.inserting_before(node):
-                key = (window, chunk)
                 if key not in prepared:
-                    ring = swa_ring_pages(window, cfg.max_num_tokens, cfg.page_size) if window > 0 else 0
-                    ring_pages_of[key] = ring
                     prep = graph.call_function(PREPARE, (
                         input_ids, *(raw[n] for n in ("seq_lens", "cached_lens", "slots", "page_table")),
                         cfg.page_size, window, ring, *((chunk,) if chunk else ())))
