@@ -19,8 +19,6 @@ METADATA_ONLY = {
     aten.new_ones.default, aten.new_zeros.default, aten.new_empty.default, aten.new_full.default,
     aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default,
 }
-
-
 _PROBE_ELEMENTS = 1 << 26  # at most this many mask elements are evaluated per probe
 
 

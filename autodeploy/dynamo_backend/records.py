@@ -13,26 +13,12 @@ import torch
 import autodeploy.custom_ops  # noqa: F401  (registers the canonical ops)
 
 logger = logging.getLogger("autodeploy.dynamo")
-
-
 aten = torch.ops.aten
-
-
 BACKEND_NAME = "autodeploy"
-
-
 ATTENTION = torch.ops.autodeploy.attention.default
-
-
 SSD_SCAN = torch.ops.autodeploy.ssd_scan.default
-
-
 CAUSAL_CONV1D = torch.ops.autodeploy.causal_conv1d.default
-
-
 CANONICAL = {ATTENTION: "attention", SSD_SCAN: "ssd_scan", CAUSAL_CONV1D: "causal_conv1d"}
-
-
 DEFAULT_OPTIONS: dict[str, Any] = {
     "inductor": None,  # None: on, falling back to eager (with a warning) if inductor fails
     "match_attention": True,

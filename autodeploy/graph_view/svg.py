@@ -20,20 +20,10 @@ STYLE = {
     "prepare": ("prepare node", "#e1d5e7", "#9673a6"),
     "cache": ("cache tensor", "#fff2cc", "#d6b656"),
 }
-
-
 FONT = 12
-
-
 CHAR_W = 7.3  # monospace advance at FONT px, a little generous
-
-
 LINE_H = 15
-
-
 PAD = 8
-
-
 GAP = 70  # between columns: where the edges run
 
 

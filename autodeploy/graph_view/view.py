@@ -18,11 +18,7 @@ from autodeploy.cache_spec import STEP_INPUTS, CacheSpec
 from autodeploy.fx_utils import EXPORT_ROOT, op_kwargs
 
 FAMILY_LABEL = {"attention": "attention", "ssd_scan": "Mamba2 scan", "causal_conv1d": "Mamba2 conv"}
-
-
 LAYER_RE = re.compile(r"^((?:.*\.)?(?:layers|layer|h|blocks|block)\.\d+)(?:\.|$)")
-
-
 UNMATCHED_TARGETS = {"aten.scaled_dot_product_attention.default", "aten.softmax.int", "aten._softmax.default",
                      "aten._safe_softmax.default"}
 

@@ -15,35 +15,15 @@ import autodeploy.custom_ops.all_reduce  # noqa: F401  (registers autodeploy::al
 from autodeploy.fx_utils import owning_module
 
 logger = logging.getLogger("autodeploy.transforms")
-
-
 aten = torch.ops.aten
-
-
 LINEAR = aten.linear.default
-
-
 ALL_REDUCE = torch.ops.autodeploy.all_reduce.default
-
-
 ATTENTION = torch.ops.autodeploy.attention.default
-
-
 SSD_SCAN = torch.ops.autodeploy.ssd_scan.default
-
-
 CONV = torch.ops.autodeploy.causal_conv1d.default
-
-
 VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-
-
 SPLITS = {aten.split_with_sizes.default, aten.split.Tensor}
-
-
 REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default}
-
-
 SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._log_softmax.default, aten.log_softmax.int}
 
 
