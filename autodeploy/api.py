@@ -11,23 +11,23 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from autodeploy import backends, defaults, distributed, gguf
-from autodeploy.export import export_model
+from autodeploy import defaults, distributed, gguf
 from autodeploy.fx_utils import move_graph_module
 from autodeploy.runtime.engine import Engine
 from autodeploy.runtime.pools import PoolSizes, full_pages_within
 from autodeploy.runtime.runner import COMPILE_MODES, GraphRunner, default_capture_sizes
 from autodeploy.runtime.sampling import SamplingParams
+from autodeploy.runtime.speculative import Drafter, DraftModelDrafter, NgramDrafter, SpecDecodingStats
 from autodeploy.self_check import self_check
-from autodeploy.runtime.speculative import DraftModelDrafter, Drafter, NgramDrafter, SpecDecodingStats
 from autodeploy.text import TextStream, chat_prompt_ids, text_prompt_ids
-from autodeploy.transforms.pipeline import PERF_TRANSFORMS, cached_pipeline, run_pipeline
+from autodeploy.transforms.pipeline import PERF_TRANSFORMS, build_cached_graph
 
 logger = logging.getLogger("autodeploy")
 
@@ -112,7 +112,8 @@ class DeployConfig:
         if self.num_pages is not None and self.max_cache_bytes is not None:
             raise ValueError("give DeployConfig.num_pages or max_cache_bytes, not both")
         if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"DeployConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+            raise ValueError("DeployConfig.gpu_memory_utilization must be in (0, 1], "
+                             f"got {self.gpu_memory_utilization!r}")
         if self.compile_mode is None:
             self.compile_mode = defaults.default_compile_mode(str(self.device), self.attn_backend, self.ssm_backend)
         if self.dtype is None and not str(self.device).startswith("cuda"):
@@ -141,7 +142,7 @@ class DeployConfig:
     def num_speculative_tokens(self) -> int:
         return self.speculative_config["num_speculative_tokens"] if self.speculative_config else 0
 
-    def completed(self, model: nn.Module) -> "DeployConfig":
+    def completed(self, model: nn.Module) -> DeployConfig:
         """This config with every size left None chosen from ``model``'s config and the device
         (see autodeploy.defaults); logs the choices in one line."""
         sizes = ("max_seq_len", "max_batch_size", "max_num_tokens", "num_pages", "max_cache_bytes")
@@ -157,7 +158,7 @@ class DeployConfig:
         return done
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "DeployConfig":
+    def from_kwargs(cls, **kwargs: Any) -> DeployConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
@@ -233,7 +234,8 @@ def _check_config_json(path: str) -> None:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{file} is not valid JSON ({e}): the checkpoint's config is corrupt") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{file} holds a JSON {type(config).__name__}, not an object: the checkpoint's config is corrupt")
+        raise ValueError(f"{file} holds a JSON {type(config).__name__}, not an object: the checkpoint's config "
+                         "is corrupt")
 
 
 def _load(model: nn.Module | str | os.PathLike, dtype: torch.dtype, device: str | torch.device = "cpu"):
@@ -260,36 +262,6 @@ def _load(model: nn.Module | str | os.PathLike, dtype: torch.dtype, device: str 
     except (OSError, ValueError):
         tokenizer = None
     return loaded, tokenizer
-
-
-def _backends(cfg: DeployConfig) -> dict[str, str]:
-    """The attention and SSM backends to use (``"auto"`` resolved for the device)."""
-    attn = backends.resolve("attention", cfg.attn_backend, cfg.device, cfg.dtype)
-    ssm = backends.resolve("ssd_scan", cfg.ssm_backend, cfg.device, cfg.dtype)
-    if backends.resolve("causal_conv1d", ssm, cfg.device, cfg.dtype) != ssm:
-        raise ValueError(f"no {ssm!r} backend for causal_conv1d")
-    return {"attention": attn, "ssm": ssm}
-
-
-def _cached_graph(model: nn.Module, cfg: DeployConfig):
-    """Export ``model`` and run the cached pipeline: (graph, transform infos)."""
-    chosen = _backends(cfg)
-    gm = export_model(model, max_seq_len=cfg.max_seq_len)
-    names = cached_pipeline(cfg.perf_transforms, cfg.checked, cfg.device)
-    if cfg.tensor_parallel_size > 1:  # on the plain exported graph, before fusions and caches
-        names = (*names[:1], "shard_tensor_parallel", *names[1:])
-    options = {
-        "match_attention": {"unmatched": "error"},  # a layer left as exported would see one step's tokens
-        "insert_cached_attention": {"page_size": cfg.page_size, "max_num_tokens": cfg.max_num_tokens,
-                                    "backend": chosen["attention"]},
-        "insert_cached_ssm": {"backend": chosen["ssm"], "max_draft_tokens": cfg.num_speculative_tokens},
-        "match_rope": {"max_positions": max(cfg.max_seq_len, cfg.max_num_tokens)},
-        "gather_logits": {"max_draft_tokens": cfg.num_speculative_tokens},
-        "shard_tensor_parallel": {"rank": distributed.rank(), "world_size": cfg.tensor_parallel_size},
-    }
-    infos = run_pipeline(gm, names, {k: v for k, v in options.items() if k in names})
-    gm.meta["autodeploy_backends"] = chosen
-    return gm, infos
 
 
 def _vocab_size(model: nn.Module, gm) -> int:
@@ -333,7 +305,8 @@ class LLM:
         self.gm, self.transform_infos = self._graph(self.model)
         sizes = PoolSizes(cfg.max_batch_size, cfg.max_seq_len, cfg.page_size, cfg.max_num_tokens, cfg.num_pages)
         if cfg.max_cache_bytes is not None:
-            sizes.num_full_pages = full_pages_within(cfg.max_cache_bytes, self.gm.meta.get("autodeploy_caches", []), sizes)
+            specs = self.gm.meta.get("autodeploy_caches", [])
+            sizes.num_full_pages = full_pages_within(cfg.max_cache_bytes, specs, sizes)
         vocab = _vocab_size(self.model, self.gm)
         self.drafter = self._drafter(sizes, vocab, dtype)
         self.engine = Engine(self._runner(self.gm, sizes), sizes, vocab, _eos_token_ids(self.model), cfg.device,
@@ -364,7 +337,7 @@ class LLM:
 
     def _graph(self, model: nn.Module, cfg: DeployConfig | None = None):
         """The cached graph of ``model`` on the engine's device (built where the model is)."""
-        gm, infos = _cached_graph(model, cfg or self.config)
+        gm, infos = build_cached_graph(model, cfg or self.config, distributed.rank())
         if str(self._build_device) != str(self.config.device):
             move_graph_module(gm, self.config.device)
         return gm, infos
@@ -380,7 +353,8 @@ class LLM:
         self.draft_model = draft
         gm, _ = self._graph(draft)
         if _vocab_size(draft, gm) != vocab:
-            raise ValueError(f"the draft model's vocabulary ({_vocab_size(draft, gm)}) differs from the target's ({vocab})")
+            raise ValueError(f"the draft model's vocabulary ({_vocab_size(draft, gm)}) differs from the target's "
+                             f"({vocab})")
         return DraftModelDrafter(self._runner(gm, dataclasses.replace(sizes)), k)
 
     def _runner(self, gm, sizes: PoolSizes) -> GraphRunner:
@@ -457,7 +431,8 @@ class LLM:
         prompts = list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
-        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        many = isinstance(sampling_params, (list, tuple))
+        params = list(sampling_params) if many else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
         token_lists = [self._prompt_ids(p) for p in prompts]

@@ -14,30 +14,49 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import itertools
 import os
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
-# family -> backend -> (module that registers the op, op name in the autodeploy namespace)
-CACHED_OPS: dict[str, dict[str, tuple[str, str]]] = {
+
+@dataclass(frozen=True)
+class CachedOp:
+    """One backend's cached op of one family: the module whose import registers it, its name in
+    the autodeploy namespace, and its optional host half ("module:Class", see :class:`HostHalf`)."""
+
+    module: str
+    op: str
+    host_half: str | None = None
+
+
+# family -> backend -> its cached op. Adding a backend is an entry per family here plus its op file
+# (and, where the backend has requirements, a branch in ``unavailable_reason``).
+CACHED_OPS: dict[str, dict[str, CachedOp]] = {
     "attention": {
-        "torch": ("autodeploy.custom_ops.torch_cached_attention", "torch_cached_attention"),
-        "triton": ("autodeploy.custom_ops.triton_attention", "triton_cached_attention"),
-        "flashinfer": ("autodeploy.custom_ops.flashinfer_attention", "flashinfer_cached_attention"),
+        "torch": CachedOp("autodeploy.custom_ops.torch_cached_attention", "torch_cached_attention"),
+        "triton": CachedOp("autodeploy.custom_ops.triton_attention", "triton_cached_attention"),
+        "flashinfer": CachedOp("autodeploy.custom_ops.flashinfer_attention", "flashinfer_cached_attention",
+                               host_half="autodeploy.custom_ops.flashinfer_attention:AttentionPlan"),
     },
     "ssd_scan": {
-        "torch": ("autodeploy.custom_ops.torch_cached_ssm", "torch_cached_ssd_scan"),
-        "triton": ("autodeploy.custom_ops.triton_ssd_scan", "triton_cached_ssd_scan"),
+        "torch": CachedOp("autodeploy.custom_ops.torch_cached_ssm", "torch_cached_ssd_scan"),
+        "triton": CachedOp("autodeploy.custom_ops.triton_ssd_scan", "triton_cached_ssd_scan"),
         # plain decode lanes through flashinfer's selective_state_update, the rest through Triton
-        "flashinfer": ("autodeploy.custom_ops.flashinfer_ssd_scan", "flashinfer_cached_ssd_scan"),
+        "flashinfer": CachedOp("autodeploy.custom_ops.flashinfer_ssd_scan", "flashinfer_cached_ssd_scan"),
     },
     "causal_conv1d": {
-        "torch": ("autodeploy.custom_ops.torch_cached_ssm", "torch_cached_causal_conv1d"),
-        "triton": ("autodeploy.custom_ops.triton_causal_conv1d", "triton_cached_causal_conv1d"),
-        "flashinfer": ("autodeploy.custom_ops.triton_causal_conv1d", "triton_cached_causal_conv1d"),  # none in flashinfer
+        "torch": CachedOp("autodeploy.custom_ops.torch_cached_ssm", "torch_cached_causal_conv1d"),
+        "triton": CachedOp("autodeploy.custom_ops.triton_causal_conv1d", "triton_cached_causal_conv1d"),
+        # none in flashinfer: its Triton one
+        "flashinfer": CachedOp("autodeploy.custom_ops.triton_causal_conv1d", "triton_cached_causal_conv1d"),
     },
 }
-PREFERENCE = ("flashinfer", "triton", "torch")
+# every backend name, in the order the table first names them
+BACKENDS: tuple[str, ...] = tuple(dict.fromkeys(b for by_backend in CACHED_OPS.values() for b in by_backend))
 # what "auto" tries first, per family, by measurement (benchmarks/RESULTS.md; H200, bf16
 # bench-hybrid-0.6b under CUDA graphs with async scheduling): Triton attention decodes 1.4-1.9x
 # faster than flashinfer's, whose host plan() costs more per step (0.6-1.4 ms) than the attention
@@ -45,8 +64,6 @@ PREFERENCE = ("flashinfer", "triton", "torch")
 # batch 1 and 64 (1,252 vs 1,251 and 40,264 vs 40,078 tok/s), and only the Triton path fuses the
 # Mamba2 decode, so Triton comes first for every family
 AUTO_ORDER = {family: ("triton", "flashinfer", "torch") for family in ("attention", "ssd_scan", "causal_conv1d")}
-# (family, backend) pairs "auto" does not pick yet: written and CPU-tested, not yet run on a GPU
-NOT_YET_AUTO: set[tuple[str, str]] = set()
 
 
 FLASHINFER_DTYPES = ("float16", "bfloat16")  # its attention and Mamba kernels are built for these
@@ -56,13 +73,14 @@ def unavailable_reason(backend: str, device: str, dtype: str | None = None) -> s
     """Why ``backend`` cannot run on ``device`` for a model in ``dtype`` (a DeployConfig dtype name;
     None: any), or None if it can."""
     on_cuda = str(device).startswith("cuda")
-    if backend == "torch":
-        return None
+    if not any(backend in by_backend for by_backend in CACHED_OPS.values()):
+        return f"unknown backend {backend!r}; known: {list(BACKENDS)} or 'auto'"
     if backend == "triton":
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed"
         if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            return f"Triton kernels need a CUDA device (device is {device!r}; TRITON_INTERPRET=1 runs them on the CPU, slowly)"
+            return (f"Triton kernels need a CUDA device (device is {device!r}; TRITON_INTERPRET=1 runs them on the "
+                    "CPU, slowly)")
         if on_cuda and not torch.cuda.is_available():
             return "no CUDA device is visible"
         return None
@@ -73,8 +91,7 @@ def unavailable_reason(backend: str, device: str, dtype: str | None = None) -> s
             return f"flashinfer needs a CUDA device (device is {device!r})"
         if dtype is not None and dtype not in FLASHINFER_DTYPES:
             return f"flashinfer's kernels take {' or '.join(FLASHINFER_DTYPES)} (dtype is {dtype!r})"
-        return None
-    return f"unknown backend {backend!r}; known: {list(PREFERENCE)} or 'auto'"
+    return None  # torch, and a backend without requirements
 
 
 def resolve(family: str, requested: str, device: str, dtype: str | None = None) -> str:
@@ -84,7 +101,7 @@ def resolve(family: str, requested: str, device: str, dtype: str | None = None) 
     if requested == "auto":  # the interpreter is for tests: on the CPU, auto means torch
         on_cuda = str(device).startswith("cuda")
         return next(b for b in AUTO_ORDER[family] if b in known and unavailable_reason(b, device, dtype) is None
-                    and (on_cuda or b == "torch") and (family, b) not in NOT_YET_AUTO)
+                    and (on_cuda or b == "torch"))
     if requested not in known:
         raise ValueError(f"no {requested!r} backend for {family}; known: {sorted(known)} or 'auto'")
     reason = unavailable_reason(requested, device, dtype)
@@ -96,8 +113,59 @@ def resolve(family: str, requested: str, device: str, dtype: str | None = None) 
 def cached_op(family: str, backend: str) -> torch._ops.OpOverload:
     """The cached op of ``family`` on ``backend`` (importing its module registers it)."""
     try:
-        module, name = CACHED_OPS[family][backend]
+        entry = CACHED_OPS[family][backend]
     except KeyError:
         raise ValueError(f"no {backend!r} backend for {family}; known: {sorted(CACHED_OPS[family])}") from None
-    importlib.import_module(module)
-    return getattr(torch.ops.autodeploy, name).default
+    importlib.import_module(entry.module)
+    return getattr(torch.ops.autodeploy, entry.op).default
+
+
+class HostHalf(Protocol):
+    """Host work a backend's cached op needs before every step (flashinfer's ``plan()``). The op
+    takes one argument more than its family's other backends: the id of its host half. A cache
+    insertion transform asks ``spec_for`` for each layer (equal specs share one host half, and so
+    one id) and records the specs on the graph (``record_host_half``); the runner builds the host
+    halves from them (``build_host_halves``) and calls ``plan`` on every path: eager steps,
+    warm-up, CUDA-graph capture and replay."""
+
+    @classmethod
+    def spec_for(cls, layer: Any) -> Hashable:
+        """What this host half needs to know about ``layer`` (the family's layer record); ValueError
+        naming what it cannot serve."""
+
+    @classmethod
+    def build(cls, spec: Any, plan_id: int, num_lanes: int, max_pages_per_lane: int, device: Any) -> HostHalf:
+        """The host half of id ``plan_id``, which the graph's ops of that id find at run time."""
+
+    def plan(self, host: dict[str, torch.Tensor], captured: bool) -> None: ...
+
+
+HOST_HALVES_KEY = "autodeploy_host_halves"  # gm.meta: plan id -> (family, backend, spec)
+_host_half_ids = itertools.count()
+
+
+def host_half_class(family: str, backend: str) -> type[HostHalf] | None:
+    """The host half class of ``family``'s op on ``backend``, or None if it has none."""
+    path = CACHED_OPS[family][backend].host_half
+    if path is None:
+        return None
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def record_host_half(meta: dict, family: str, backend: str, spec: Hashable) -> int:
+    """The id of the host half for ``spec`` on a graph with ``meta`` (a new process-wide unique id
+    for a spec the graph does not have yet: a target and its draft model own separate ones)."""
+    halves = meta.setdefault(HOST_HALVES_KEY, {})
+    for plan_id, recorded in halves.items():
+        if recorded == (family, backend, spec):
+            return plan_id
+    plan_id = next(_host_half_ids)
+    halves[plan_id] = (family, backend, spec)
+    return plan_id
+
+
+def build_host_halves(meta: dict, num_lanes: int, max_pages_per_lane: int, device: Any) -> list[HostHalf]:
+    """One host half per id the graph with ``meta`` recorded, for a runner of ``num_lanes`` lanes."""
+    return [host_half_class(family, backend).build(spec, plan_id, num_lanes, max_pages_per_lane, device)
+            for plan_id, (family, backend, spec) in sorted(meta.get(HOST_HALVES_KEY, {}).items())]

@@ -41,7 +41,9 @@ class CacheSpec:
     """One cache tensor of the graph.
 
     kind "kv": a paged K or V pool, shape [pages, page_size, *shape]; pool names which pool
-    ("kv_full", "kv_swa_<W>" or "kv_chunk_<C>") sizes it; window is the ring's bound (W, or C). kind "state": per-slot state, shape [slots, *shape].
+    ("kv_full", "kv_swa_<W>" or "kv_chunk_<C>") sizes it; window is the ring's bound (W, or C).
+    kind "state": per-slot state, shape [slots, *shape]. ring_pages: a windowed kv pool's pages per
+    slot, as the graph's prepare node addresses them: the pools allocate exactly that many.
     """
 
     name: str
@@ -50,12 +52,4 @@ class CacheSpec:
     shape: tuple[int, ...]
     dtype: torch.dtype
     window: int = 0
-
-    def bytes_per_unit(self, page_size: int) -> int:
-        """Bytes per page (kind kv) or per slot (kind state)."""
-        numel = 1
-        for s in self.shape:
-            numel *= s
-        if self.kind == "kv":
-            numel *= page_size
-        return numel * torch.empty(0, dtype=self.dtype).element_size()
+    ring_pages: int = 0

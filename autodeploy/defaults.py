@@ -34,7 +34,7 @@ class DeviceFacts:
     free_bytes: int = 0
 
     @classmethod
-    def probe(cls, device: str) -> "DeviceFacts":
+    def probe(cls, device: str) -> DeviceFacts:
         if not str(device).startswith("cuda"):
             return cls(str(device))
         dev = torch.device(device)

@@ -23,6 +23,7 @@ import torch
 
 from autodeploy.api import LLM
 from autodeploy.models import ZOO, build_model
+from autodeploy.models.reference import greedy_generate, greedy_uncached
 from autodeploy.runtime.sampling import SamplingParams
 
 DEFAULT_MODEL = "hybrid"
@@ -42,29 +43,6 @@ def load_model(model: Any) -> tuple[Any, str]:
     if os.sep in path or path.startswith("."):
         raise FileNotFoundError(f"model directory {path!r} does not exist")
     raise FileNotFoundError(f"model {path!r} is neither a zoo model ({', '.join(ZOO)}) nor a checkpoint directory")
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(iter(model.parameters()), torch.empty(0)).device
-
-
-def greedy_uncached(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
-    """Greedy decoding by repeated full (uncached) forwards of ``model`` on its own device:
-    independent of any cache code path, ours or transformers'."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            logits = model(input_ids=torch.tensor([ids], device=_device(model)), use_cache=False).logits[0, -1]
-            ids.append(int(logits.argmax()))
-    return ids[len(prompt):]
-
-
-def greedy_generate(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
-    """transformers' own cached ``generate()``, greedy, exactly ``n`` tokens (no EOS stop)."""
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt], device=_device(model)), max_new_tokens=n, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 def run_demo(model: Any = DEFAULT_MODEL, prompt_lens=PROMPT_LENS, new_tokens: int = 24,
@@ -97,7 +75,8 @@ def run_demo(model: Any = DEFAULT_MODEL, prompt_lens=PROMPT_LENS, new_tokens: in
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in prompt_lens]
     start = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     seconds = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     print(f"served {len(prompts)} prompts ({sum(prompt_lens)} prompt tokens) in {llm.engine.num_steps} steps, "

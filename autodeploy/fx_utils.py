@@ -7,7 +7,6 @@ from typing import Any
 import torch
 from torch.fx import Node
 
-
 EXPORT_ROOT = "model"  # the attribute under which export.LogitsOnly holds the user's model
 
 

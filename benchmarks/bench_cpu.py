@@ -8,6 +8,7 @@ bookkeeping) apart from the graph's own work. Runs on the dev machine (no GPU).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -15,14 +16,16 @@ import time
 
 import torch
 
-from autodeploy import LLM, SamplingParams
+from autodeploy import LLM, DeployConfig, SamplingParams
 from autodeploy.export import export_model
 from autodeploy.models import build_model, zoo_names
-from autodeploy.transforms.pipeline import PERF_TRANSFORMS, cached_pipeline, run_pipeline
+from autodeploy.transforms.pipeline import PERF_TRANSFORMS, cached_pipeline_plan, resolve_backends, run_pipeline
 
 VIEWS = {"aten.view.default", "aten.reshape.default", "aten.transpose.int", "aten.unsqueeze.default",
          "aten.alias.default", "aten.slice.Tensor", "aten.sym_size.int", "<built-in function getitem>",
          "aten.squeeze.dim", "aten.expand.default", "aten.select.int"}
+# the engine options the pipeline is timed with (CPU, float32, the torch backends)
+CONFIG = DeployConfig(max_batch_size=8, max_seq_len=512, max_num_tokens=128, device="cpu")
 
 
 def _graph_counts(gm) -> dict:
@@ -39,12 +42,11 @@ def pipeline_times(names: list[str]) -> list[dict]:
         export_s = time.perf_counter() - t0
         before = _graph_counts(gm)
         t0 = time.perf_counter()
-        infos = run_pipeline(gm, cached_pipeline(), {
-            "match_rope": {"max_positions": 512}, "insert_cached_attention": {"max_num_tokens": 128}})
+        infos = run_pipeline(gm, *cached_pipeline_plan(CONFIG, resolve_backends(CONFIG)))
         transform_s = time.perf_counter() - t0
         plain = export_model(model, max_seq_len=512)
-        run_pipeline(plain, cached_pipeline({t: False for t in PERF_TRANSFORMS}),
-                     {"insert_cached_attention": {"max_num_tokens": 128}})
+        without_perf = dataclasses.replace(CONFIG, perf_transforms=dict.fromkeys(PERF_TRANSFORMS, False))
+        run_pipeline(plain, *cached_pipeline_plan(without_perf, resolve_backends(without_perf)))
         row = {"model": name, "layers": model.config.num_hidden_layers, "export_s": export_s,
                "transforms_s": transform_s, "exported": before, "cached_without_perf": _graph_counts(plain),
                "cached_with_perf": _graph_counts(gm),
@@ -86,8 +88,8 @@ def host_overhead(cases=((1, 4), (8, 4), (64, 4), (64, 512)), steps: int = 30) -
         total = (time.perf_counter() - t0) / steps
         e, r = engine.timings, engine.runner.timings
         host = (e["schedule"] + e["draft"] + e["post"] + r["fill"] + r["plan"]) / steps
-        row = {"batch": bs, "prompt": prompt, "step_ms": 1e3 * total, "host_ms": 1e3 * host, "host_fraction": host / total,
-               "parts_ms": {k: 1e3 * v / steps for k, v in {**e, **r}.items()}}
+        row = {"batch": bs, "prompt": prompt, "step_ms": 1e3 * total, "host_ms": 1e3 * host,
+               "host_fraction": host / total, "parts_ms": {k: 1e3 * v / steps for k, v in {**e, **r}.items()}}
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows

@@ -1,6 +1,6 @@
 """End-to-end decode throughput: autodeploy vs transformers generate() vs the bandwidth floor.
 
-Same model, same GPU, one process: bench-hybrid-0.6b (../shared/DEVICE.md), bf16, random seeded
+Same model, same GPU, one process: bench-hybrid-0.6b (autodeploy/models/zoo.py), bf16, random seeded
 weights, a 512-token prompt per sequence and 128 new tokens (greedy). Decode tok/s counts the
 tokens after the first one over the time after prefill. The floor is the bytes one decode step
 must read (weights, plus KV and SSM/conv state of the batch) over the measured copy bandwidth.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -41,7 +42,7 @@ def step_bytes(llm: LLM, weight_bytes: int, batch: int, context: float) -> float
     layer's whole context), and the SSM/conv states read and written."""
     total = weight_bytes
     for spec in llm.gm.meta.get("autodeploy_caches", []):
-        per = spec.bytes_per_unit(1)  # a kv spec's bytes per token; a state spec's bytes per slot
+        per = math.prod(spec.shape) * spec.dtype.itemsize  # a kv spec's bytes per token; a state spec's bytes per slot
         if spec.kind == "kv":
             total += per * batch * (min(context, spec.window) if spec.window else context)
         elif spec.pool in ("ssm", "conv"):
@@ -108,8 +109,8 @@ def main() -> None:
     ap.add_argument("--compile", nargs="+", default=["cudagraph"], help="compile modes to time side by side")
     ap.add_argument("--configs", nargs="+", metavar="MODE:ATTN[:SSM[:FLAG...]]",
                     help="explicit (compile mode, attention backend[, SSM backend]) instead of --compile x --attn; "
-                         "flags: 'sync' (async scheduling off), 'no-<transform>' / 'with-<transform>' (a perf transform off / on), "
-                         "'pdl' (Triton kernels with programmatic dependent launch)")
+                         "flags: 'sync' (async scheduling off), 'no-<transform>' / 'with-<transform>' (a perf "
+                         "transform off / on), 'pdl' (Triton kernels with programmatic dependent launch)")
     ap.add_argument("--attn", nargs="+", default=["auto"], help="attention backends to time side by side")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--append", action="store_true", help="add the rows to an existing decode.json")
@@ -128,23 +129,26 @@ def main() -> None:
     configs = ([tuple((c.split(":") + ["auto"])[:3]) + (tuple(c.split(":")[3:]),) for c in args.configs]
                if args.configs else [(mode, attn, "auto", ()) for mode in args.compile for attn in args.attn])
     for bs, mode, attn, ssm, flags in [(bs, *c) for bs in args.batch for c in configs]:
-        perf = {f[3:]: False for f in flags if f.startswith("no-")} | {f[5:]: True for f in flags if f.startswith("with-")}
+        perf = ({f[3:]: False for f in flags if f.startswith("no-")}
+                | {f[5:]: True for f in flags if f.startswith("with-")})
         triton_pdl.PDL_ENABLED = "pdl" in flags  # read at each launch: CUDA graphs capture it
         prompts = torch.randint(0, model.config.vocab_size, (bs, args.prompt), generator=g).tolist()
         t0 = time.perf_counter()
         llm = LLM(model, dtype="bfloat16", device="cuda", max_batch_size=bs, page_size=16,
-                  max_seq_len=args.prompt + args.new, max_num_tokens=max(2048, bs), compile_mode=mode, attn_backend=attn,
-                  ssm_backend=ssm, perf_transforms=perf or None)
+                  max_seq_len=args.prompt + args.new, max_num_tokens=max(2048, bs), compile_mode=mode,
+                  attn_backend=attn, ssm_backend=ssm, perf_transforms=perf or None)
         llm.engine.async_scheduling = "sync" not in flags
         build = time.perf_counter() - t0
         # warm-up at the timed prompt length (another prompt): Triton compiles and allocator growth
         # for these shapes happen here, not in the timed TTFT (a 32-token warm-up left them there)
         ours(llm, [p[::-1] for p in prompts], 8)
         backends = llm.gm.meta["autodeploy_backends"]
-        row = {"model": args.model, "batch": bs, "compile": mode, "attn": backends["attention"], "ssm": backends.get("ssm", ssm),
+        row = {"model": args.model, "batch": bs, "compile": mode, "attn": backends["attention"],
+               "ssm": backends.get("ssm", ssm),
                "flags": list(flags), "kernels_per_step": kernels_per_decode_step(llm, bs),
                "build_s": build, "capture_s": llm.engine.runner.capture_seconds,
-               "capture_sizes": sorted(llm.engine.runner.graphs), "capture_MiB": llm.engine.runner.capture_bytes / 2**20,
+               "capture_sizes": sorted(llm.engine.runner.graphs),
+               "capture_MiB": llm.engine.runner.capture_bytes / 2**20,
                **ours(llm, prompts, args.new)}
         row["floor_tok_s"] = bs * bw / step_bytes(llm, weight_bytes, bs, args.prompt + args.new / 2)
         row["fraction_of_floor"] = row["decode_tok_s"] / row["floor_tok_s"]

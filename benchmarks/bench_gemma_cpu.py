@@ -79,7 +79,8 @@ def main() -> None:
     tok, model = llm.tokenizer, llm.model
     ids = tok(PROMPT)["input_ids"]
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "model": "gemma-3-270m Q4_K_M GGUF, float32", "prompt_tokens": len(ids),
+              "threads": torch.get_num_threads(), "model": "gemma-3-270m Q4_K_M GGUF, float32",
+              "prompt_tokens": len(ids),
               "new_tokens": args.new}
     import transformers
 

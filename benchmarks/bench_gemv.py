@@ -17,10 +17,10 @@ import os
 
 import torch
 import torch.nn.functional as F
+from bench_decode import copy_bandwidth
 
 from autodeploy.custom_ops.triton_gemv import gemv_config, triton_gemv
 from autodeploy.models import build_model
-from bench_decode import copy_bandwidth
 
 
 def weight_shapes(names: list[str]) -> list[tuple[int, int]]:
@@ -103,7 +103,7 @@ def main() -> None:
                "rel_err": err, "rel_err_cublas": err_cublas}
         print(json.dumps(row), flush=True)
         rows_out.append(row)
-        del ws
+        ws.clear()  # frees the copies before the next shape
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gemv.json"), "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_TBs": bw / 1e12,

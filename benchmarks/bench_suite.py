@@ -2,7 +2,7 @@
 overhead, sliding-window memory and speculative decoding (decode throughput: bench_decode.py;
 transforms: bench_transforms.py).
 
-Models: bench-hybrid-0.6b and bench-swa-0.7b (../shared/DEVICE.md, autodeploy/models/zoo.py),
+Models: bench-hybrid-0.6b and bench-swa-0.7b (autodeploy/models/zoo.py),
 bf16, random seeded weights, one GPU. Everything a section prints goes to ``suite.json``.
 
     python benchmarks/bench_suite.py --out benchmarks/results [--sections profile prefill overhead memory spec]
@@ -52,7 +52,7 @@ def prefill(models: list[str], rows: list) -> list[dict]:
                 prompt = torch.randint(0, 32000, (length,), generator=g).tolist()
                 params = SamplingParams(max_tokens=1, ignore_eos=True)
                 # warm-up at the same length: after a shorter one, the first timed run paid one-time
-                # costs of the new shape (compiles, allocator growth; measured in session 6)
+                # costs of the new shape (compiles, allocator growth; measured on an H200)
                 llm.generate([{"prompt_token_ids": prompt[::-1]}], params)
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
@@ -81,9 +81,9 @@ def overhead(rows: list, batch: int = 64, context: int = 512) -> list[dict]:
     selective_state_update, the raw decode kernel, beside our Triton cached scan)."""
     import flashinfer
 
+    import autodeploy.custom_ops.triton_ssd_scan  # noqa: F401  (registers the Triton cached scan)
     from autodeploy.custom_ops import flashinfer_attention as fa
     from autodeploy.custom_ops.prepare_metadata import prepare_attention_metadata, prepare_ssm_metadata
-    import autodeploy.custom_ops.triton_ssd_scan  # noqa: F401  (registers the Triton cached scan)
 
     page, hq, hkv, d = 16, 16, 4, 128
     pages_per = -(-(context + 1) // page)
@@ -194,8 +194,9 @@ def profile(models: list[str], rows: list, batches=(1, 64), context: int = 512) 
     bound), and the sum of the kernels' own times in one eager run of the same graph. replay -
     kernels = the gaps between kernels inside the graph; step - replay = host time per step. Also a
     2k-token prefill step (eager: prefill steps are not captured): kernel sum vs wall time."""
-    from autodeploy.runtime.batch import LaneInput
     from bench_decode import copy_bandwidth  # this directory is on sys.path when run as a script
+
+    from autodeploy.runtime.batch import LaneInput
 
     bandwidth = copy_bandwidth()
     for name in models:
@@ -250,7 +251,8 @@ def profile(models: list[str], rows: list, batches=(1, 64), context: int = 512) 
                 triton_ssd_chunks.PARALLEL_MIN_TOKENS = parallel_min
             # only the replay is timed: kernel sum and count would be the eager step's (the
             # chunk-parallel scan launches other kernels), so they are left out
-            row = {"model": name, "kind": "prefill, captured" + (", chunk-parallel scan" if chunk_parallel else ""), "tokens": 2048,
+            kind = "prefill, captured" + (", chunk-parallel scan" if chunk_parallel else "")
+            row = {"model": name, "kind": kind, "tokens": 2048,
                    "step_us": graphed * 1e6, "kernel_us": None, "kernels": None, "top": []}
             print(json.dumps(row), flush=True)
             rows.append(row)

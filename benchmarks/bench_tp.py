@@ -140,7 +140,8 @@ def main() -> None:
     mine = run(world, ref)
     if distributed.rank() != 0:
         return
-    report = {"gpu": torch.cuda.get_device_name() if DEVICE.startswith("cuda") else "cpu", "torch": torch.__version__, "tp": world, "rows": []}
+    report = {"gpu": torch.cuda.get_device_name() if DEVICE.startswith("cuda") else "cpu", "torch": torch.__version__,
+              "tp": world, "rows": []}
     for key, row in mine.items():
         first_diff = []
         for a, b in zip(ref[key]["tokens"], row["tokens"]):

@@ -68,7 +68,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    results = {"attn_backend": args.attn_backend, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "context": CONTEXT, "rows": []}
+    results = {"attn_backend": args.attn_backend, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "context": CONTEXT, "rows": []}
     for name in args.models:
         model = build_model(name, dtype=torch.bfloat16, device="cuda")
         for step in range(len(ORDER) + 1):

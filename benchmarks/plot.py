@@ -30,7 +30,8 @@ def decode(data: dict, out: str) -> None:
     for i, (mode, attn, ssm) in enumerate(configs):
         ys = [next((r["decode_tok_s"] for r in rows if r["batch"] == b
                     and (r["compile"], r["attn"], r.get("ssm", "triton")) == (mode, attn, ssm)), 0) for b in batches]
-        ax.bar([j + i * width for j in range(len(batches))], ys, width, label=f"autodeploy {mode}, attn {attn}, ssm {ssm}")
+        ax.bar([j + i * width for j in range(len(batches))], ys, width,
+               label=f"autodeploy {mode}, attn {attn}, ssm {ssm}")
     hf = [next((r["hf_tok_s"] for r in rows if r["batch"] == b and "hf_tok_s" in r), 0) for b in batches]
     floor = [next(r["floor_tok_s"] for r in rows if r["batch"] == b) for b in batches]
     ax.bar([j + len(configs) * width for j in range(len(batches))], hf, width, label="transformers generate()")
@@ -55,7 +56,7 @@ def transforms(datas: list[dict], out: str) -> None:
         for rows in by_model.values():
             labels = ["none"] + [r["added"].replace("match_", "") for r in rows[1:]]
             ax.plot(range(len(rows)), [r[f"step_ms_bs{bs}"] for r in rows], marker="o", label=rows[0]["model"])
-        ax.set_xticks(range(len(labels)), [("+" if i else "") + l for i, l in enumerate(labels)], rotation=25,
+        ax.set_xticks(range(len(labels)), [("+" if i else "") + label for i, label in enumerate(labels)], rotation=25,
                       fontsize=8)
         ax.set_ylabel("decode step ms (CUDA graphs)")
         ax.set_title(f"batch {bs}: transforms added one after another")

@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 
-
 HOST_PARTS = ("schedule", "fill", "plan", "post")  # the engine's host work per step (timings keys)
 
 
@@ -34,7 +33,8 @@ def decode(data: dict) -> str:
              ", ".join(f"{k} {v:.2f}" for k, v in r.get("host_ms_per_step", {}).items() if k in HOST_PARTS)]
             for r in data["rows"]]
     return head + _table(["model", "batch", "compile", "attention", "ssm", "options off", "kernels / step", "tok/s",
-                          "step ms", "of floor", "transformers tok/s", "vs transformers", "TTFT s", "host ms/step"], rows)
+                          "step ms", "of floor", "transformers tok/s", "vs transformers", "TTFT s", "host ms/step"],
+                         rows)
 
 
 def transforms(data: dict) -> str:
@@ -42,7 +42,8 @@ def transforms(data: dict) -> str:
     rows = [[r["model"], ("+ " + r["added"]) if r["added"] else "none", r["nodes"],
              *[r.get(f"kernels_bs{b}") for b in batches[:1]], *[r.get(f"step_ms_bs{b}") for b in batches]]
             for r in data["rows"]]
-    return (f"### Performance transforms ({data['gpu']}, attention {data['attn_backend']}, context {data['context']})\n\n"
+    return (f"### Performance transforms ({data['gpu']}, attention {data['attn_backend']}, "
+            f"context {data['context']})\n\n"
             + _table(["model", "transforms", "graph nodes", "kernels / step",
                       *[f"step ms, batch {b}" for b in batches]], rows))
 
@@ -73,7 +74,8 @@ def suite(data: dict) -> str:
         rows = [[r["context"], r["ours_MiB"], r["full_cache_MiB"], f"{100 * r['fraction']:.2f} %",
                  f"{r['seqs_in_budget_ours']} / {r['seqs_in_budget_full']}"] for r in data["memory"]]
         out.append("### Sliding-window KV memory\n\n" + _table(
-            ["context", "ours MiB / seq", "full cache MiB / seq", "fraction", "sequences in budget: ours / full"], rows))
+            ["context", "ours MiB / seq", "full cache MiB / seq", "fraction", "sequences in budget: ours / full"],
+            rows))
     if isinstance(data.get("spec"), list):
         rows = [[r["method"], r["k"], r["tok_s"], f"{r['speedup']:.2f}x" if "speedup" in r else None,
                  r.get("mean_accepted_length"), r.get("replay_MiB"), r.get("state_copies_MiB"), r.get("same_tokens")]

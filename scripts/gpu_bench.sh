@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU benchmark of issue 8 in one call (one 10-minute device call on an H100 with the
-# flashinfer builds carried in .fi_cache/): decode throughput, the step profile, prefill, op
+# Every GPU benchmark in one run (under 10 minutes on an H100 with the flashinfer builds carried
+# in .fi_cache/): decode throughput, the step profile, prefill, op
 # overhead, memory and speculation. JSON results go to $OUT as they are measured (a section cut
 # short keeps what it finished), then benchmarks/report.py writes $OUT/RESULTS_run.md and
 # benchmarks/plot.py the PNGs (where matplotlib is installed; otherwise run it later from the JSON).

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call: `pytest -m gpu` (backends vs the torch backend at
 # model level), the Triton op tests compiled for the GPU, and the environment they ran in.
-# Carries wheels from .whl/ (flashinfer, transformers; see ../shared/DEVICE.md) when present.
+# Installs the wheels in .whl/ (flashinfer, transformers) when present.
 # Usage: scripts/gpu_check.sh [extra pytest args]; the report goes to $OUT (default gpu_out/).
-# Fits one 10-minute call on two GPUs (session 6: 550 s on 2 H100s, the halves side by side); on
-# one GPU the model tests alone take ~11 minutes: split them over two calls with -k "flashinfer"
-# and -k "not flashinfer".
+# Takes under 10 minutes on two GPUs (550 s on 2 H100s, the halves side by side); on one GPU the
+# model tests alone take ~11 minutes: split them over two runs with -k "flashinfer" and
+# -k "not flashinfer".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -28,7 +28,7 @@ fi
 status=0
 PYTEST="python3 -m pytest -q -o log_level=WARNING -p no:cacheprovider"
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
-  # two GPUs: the model-level tests in two halves side by side (one 10-minute call holds them), and
+  # two GPUs: the model-level tests in two halves side by side (under 10 minutes), and
   # tensor parallelism with NCCL over both
   (CUDA_VISIBLE_DEVICES=0 $PYTEST -m gpu tests/test_gpu.py -k "not cuda_graphs_give and not dynamo" "$@" \
     > "$OUT/pytest_gpu.txt" 2>&1) & first=$!

@@ -7,7 +7,6 @@ from autodeploy import LLM, DeployConfig, SamplingParams
 from autodeploy.api import _eos_token_ids
 from autodeploy.cache_spec import POOL_FULL
 from autodeploy.models import build_model, zoo_names
-
 from helpers import hf_generate, hf_greedy_uncached
 
 PROMPT_LENS = [1, 5, 30, 70, 100, 13]  # several longer than every zoo sliding window (<= 24)
@@ -76,7 +75,8 @@ def test_stop_tokens_and_sampling_seed(llm):
     p = prompts(256, [9], seed=2)[0]
     greedy = llm.generate([{"prompt_token_ids": p}], SamplingParams(max_tokens=10, ignore_eos=True))[0]
     stop = greedy.outputs[0].token_ids[3]
-    out = llm.generate([{"prompt_token_ids": p}], SamplingParams(max_tokens=10, stop_token_ids=[stop], ignore_eos=True))[0]
+    params = SamplingParams(max_tokens=10, stop_token_ids=[stop], ignore_eos=True)
+    out = llm.generate([{"prompt_token_ids": p}], params)[0]
     first = greedy.outputs[0].token_ids.index(stop)
     assert out.outputs[0].token_ids == greedy.outputs[0].token_ids[: first + 1]
     assert out.outputs[0].finish_reason == "stop"
@@ -188,8 +188,10 @@ def test_stream_yields_growing_snapshots_and_early_exit_aborts(llm):
 def test_every_eos_id_of_the_generation_config_stops(llm):
     """Models such as Llama 3 name several end-of-sequence ids; any of them ends a request."""
     p = prompts(256, [9], seed=2)[0]
-    tokens = llm.generate([{"prompt_token_ids": p}], SamplingParams(max_tokens=10, ignore_eos=True))[0].outputs[0].token_ids
-    gen_config, saved = llm.model.generation_config, (llm.model.generation_config.eos_token_id, llm.engine.eos_token_ids)
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    tokens = llm.generate([{"prompt_token_ids": p}], params)[0].outputs[0].token_ids
+    gen_config = llm.model.generation_config
+    saved = (gen_config.eos_token_id, llm.engine.eos_token_ids)
     try:
         gen_config.eos_token_id = [254 if tokens[4] == 255 else 255, tokens[4]]
         llm.engine.eos_token_ids = frozenset(_eos_token_ids(llm.model))

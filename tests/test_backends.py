@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from autodeploy import LLM, DeployConfig, SamplingParams, backends
-from autodeploy.api import _backends
 from autodeploy.models import build_model
+from autodeploy.transforms.pipeline import resolve_backends
 
 
 def test_auto_picks_the_best_available_and_bad_requests_say_why(monkeypatch):
@@ -20,7 +20,7 @@ def test_auto_picks_the_best_available_and_bad_requests_say_why(monkeypatch):
     with pytest.raises(ValueError, match="no 'tpu' backend for ssd_scan"):
         backends.resolve("ssd_scan", "tpu", "cpu")
     with pytest.raises(ValueError, match="attention backend 'triton' is unavailable"):
-        _backends(DeployConfig(attn_backend="triton"))  # what LLM(...) calls first
+        resolve_backends(DeployConfig(attn_backend="triton"))  # what LLM(...) calls first
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert backends.resolve("attention", "triton", "cpu") == "triton"
 
@@ -32,7 +32,8 @@ def test_auto_skips_flashinfer_for_float32_models(monkeypatch):
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flashinfer" else real_find_spec(name))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name: object() if name == "flashinfer" else real_find_spec(name))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert backends.resolve("ssd_scan", "flashinfer", "cuda", "bfloat16") == "flashinfer"
     monkeypatch.setitem(backends.AUTO_ORDER, "ssd_scan", ("flashinfer", "triton", "torch"))  # were it measured first
@@ -41,7 +42,7 @@ def test_auto_skips_flashinfer_for_float32_models(monkeypatch):
     with pytest.raises(ValueError, match="flashinfer's kernels take float16 or bfloat16 \\(dtype is 'float32'\\)"):
         backends.resolve("attention", "flashinfer", "cuda", "float32")
     with pytest.raises(ValueError, match="dtype is 'float32'"):
-        _backends(DeployConfig(device="cuda", dtype="float32", ssm_backend="flashinfer"))
+        resolve_backends(DeployConfig(device="cuda", dtype="float32", ssm_backend="flashinfer"))
 
 
 def test_auto_follows_the_measured_order_per_family(monkeypatch):
@@ -51,15 +52,18 @@ def test_auto_follows_the_measured_order_per_family(monkeypatch):
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flashinfer" else real_find_spec(name))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name: object() if name == "flashinfer" else real_find_spec(name))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert _backends(DeployConfig(device="cuda", dtype="bfloat16")) == {"attention": "triton", "ssm": "triton"}
+    assert resolve_backends(DeployConfig(device="cuda", dtype="bfloat16")) == {"attention": "triton", "ssm": "triton"}
     ngram = {"method": "ngram", "num_speculative_tokens": 3}  # speculation changes nothing here
-    assert _backends(DeployConfig(device="cuda", dtype="bfloat16", speculative_config=ngram))["ssm"] == "triton"
-    assert _backends(DeployConfig(device="cuda", dtype="bfloat16", attn_backend="flashinfer"))["attention"] == "flashinfer"
-    assert _backends(DeployConfig(device="cuda", dtype="bfloat16", ssm_backend="flashinfer"))["ssm"] == "flashinfer"
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "flashinfer" else real_find_spec(name))
-    assert _backends(DeployConfig(device="cuda", dtype="bfloat16")) == {"attention": "triton", "ssm": "triton"}
+    assert resolve_backends(DeployConfig(device="cuda", dtype="bfloat16", speculative_config=ngram))["ssm"] == "triton"
+    cuda_bf16 = dict(device="cuda", dtype="bfloat16")
+    assert resolve_backends(DeployConfig(**cuda_bf16, attn_backend="flashinfer"))["attention"] == "flashinfer"
+    assert resolve_backends(DeployConfig(**cuda_bf16, ssm_backend="flashinfer"))["ssm"] == "flashinfer"
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name: None if name == "flashinfer" else real_find_spec(name))
+    assert resolve_backends(DeployConfig(device="cuda", dtype="bfloat16")) == {"attention": "triton", "ssm": "triton"}
 
 
 def test_triton_attention_backend_gives_the_torch_backend_tokens():
@@ -103,3 +107,25 @@ def test_triton_ssm_and_attention_backends_with_speculation_give_the_torch_token
     got = llm.generate(ps, params)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
     assert llm.spec_stats.num_accepted_tokens > 0
+
+
+def test_a_backend_is_one_table_entry_its_op_and_its_host_half(monkeypatch):
+    """A backend added by one CACHED_OPS entry (tests/planned_backend.py: an op and a host half that
+    no transform or runtime module names): the runner plans it before every step (the op checks
+    that its plan saw the very step it runs), and its tokens equal the torch backend's."""
+    import planned_backend
+
+    monkeypatch.setitem(backends.CACHED_OPS["attention"], "planned", backends.CachedOp(
+        "planned_backend", "planned_cached_attention", host_half="planned_backend:PlannedSteps"))
+    model = build_model("llama")
+    options = dict(max_batch_size=3, max_seq_len=64, max_num_tokens=32)
+    g = torch.Generator().manual_seed(5)
+    prompts = [{"prompt_token_ids": torch.randint(0, 256, (n,), generator=g).tolist()} for n in (5, 40, 17)]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(model, **options).generate(prompts, params)]
+    llm = LLM(model, attn_backend="planned", self_check=False, **options)
+    assert llm.gm.meta["autodeploy_backends"]["attention"] == "planned"
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert got == want
+    (half,) = llm.engine.runner.host_halves  # llama: one pool, one spec, so one host half
+    assert isinstance(half, planned_backend.PlannedSteps) and half.planned == llm.engine.runner.num_runs > 0

@@ -13,7 +13,6 @@ from autodeploy.export import ExportError, export_model
 from autodeploy.fx_utils import op_kwargs, op_nodes
 from autodeploy.models.reference import greedy_generate, greedy_uncached
 from autodeploy.transforms import run_pipeline
-
 from handwritten import TinyLM, greedy, logits, prompts
 from helpers import ATTENTION
 

@@ -2,9 +2,9 @@
 as real processes (``python -m autodeploy``); the rest call ``main(argv)`` in this process."""
 
 import json
-import re
 import logging
 import os
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -208,7 +208,7 @@ def test_bench_on_a_gpu_runs_the_benchmark_script(monkeypatch, capsys):
 
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(cli.subprocess, "run",
+    monkeypatch.setattr(subprocess, "run",
                         lambda cmd, env: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
     assert main(["bench", "--batch-size", "8", "--", "--hf", "--compile", "eager"]) == 0
     (cmd,) = calls

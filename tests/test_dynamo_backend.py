@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 
+from autodeploy import backends
 from autodeploy import dynamo_backend as db
 from autodeploy.models import build_model
 from helpers import attention_layers, expected_windows, hf_logits, mamba_layers
@@ -256,7 +257,7 @@ def test_a_flashinfer_ssm_choice_lowers_to_the_triton_kernels(monkeypatch):
     """Where the flashinfer SSM backend is chosen (the lowering once fell back to the torch
     reference ops for it), the uncached graph gets the Triton kernels, which flashinfer's SSM
     backend also runs for every non-decode lane."""
-    monkeypatch.setattr(db.backends, "resolve", lambda *args, **kwargs: "flashinfer")
+    monkeypatch.setattr(backends, "resolve", lambda *args, **kwargs: "flashinfer")
     model = build_model("mamba2")
     ids, pos, ref = hf_logits(model, LENGTH)
     got = _compiled_logits(db.prepare(model), ids, pos, inductor=False)

@@ -10,9 +10,17 @@ from autodeploy import ExportError, export_model
 from autodeploy.export import MAMBA_ROUTES, hub_kernel_name
 from autodeploy.fx_utils import op_kwargs, op_nodes
 from autodeploy.models import build_model, zoo_names
-
-from helpers import (ATTENTION, CAUSAL_CONV1D, LEFTOVER_ATTENTION, SSD_SCAN, attention_layers, expected_windows,
-                     hf_logits, mamba_layers, op_counts)
+from helpers import (
+    ATTENTION,
+    CAUSAL_CONV1D,
+    LEFTOVER_ATTENTION,
+    SSD_SCAN,
+    attention_layers,
+    expected_windows,
+    hf_logits,
+    mamba_layers,
+    op_counts,
+)
 
 # float32 logits of the exported graph vs the eager module (same weights): reordered reductions only
 ATOL = 2e-5

@@ -28,12 +28,12 @@ OPTIONS = dict(max_batch_size=3, max_seq_len=112, max_num_tokens=16, page_size=8
 K = 3
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model():
     return build_model("hybrid")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def alone_engine():
     return LLM(model(), **OPTIONS).engine
 
@@ -69,7 +69,7 @@ class TruthDrafter(Drafter):
         return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def engine(num_pages: int):
     llm = LLM(model(), **OPTIONS, num_pages=num_pages, checked=True,
               speculative_config={"method": "ngram", "num_speculative_tokens": K})

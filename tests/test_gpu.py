@@ -66,7 +66,8 @@ def test_long_prefill_through_the_chunk_parallel_scan_gives_torch_tokens(monkeyp
     monkeypatch.setattr(triton_ssd_chunks, "launch_parallel_chunks",
                         lambda *a, **k: (launched.append(1), real(*a, **k)))
     model = build_model("hybrid")
-    opts = dict(max_batch_size=2, max_seq_len=1024, max_num_tokens=640, page_size=16, device="cuda", max_cache_bytes=CACHE_BYTES)
+    opts = dict(max_batch_size=2, max_seq_len=1024, max_num_tokens=640, page_size=16, device="cuda",
+                max_cache_bytes=CACHE_BYTES)
     ps, params = prompts(model.config.vocab_size, lens=(600, 300)), SamplingParams(max_tokens=16, ignore_eos=True)
     ref = tokens(LLM(model, attn_backend="torch", ssm_backend="torch", **opts), ps, params)
     assert tokens(LLM(model, attn_backend="triton", ssm_backend="triton", **opts), ps, params) == ref
@@ -196,7 +197,8 @@ def test_flashinfer_model_logits_near_float32_torch(name):
     _need_flashinfer()
     model = build_model(name).cuda()
     ids = prompts(model.config.vocab_size, lens=(1500,))[0]["prompt_token_ids"]
-    opts = dict(max_batch_size=2, max_seq_len=1600, max_num_tokens=512, page_size=16, device="cuda", max_cache_bytes=CACHE_BYTES)
+    opts = dict(max_batch_size=2, max_seq_len=1600, max_num_tokens=512, page_size=16, device="cuda",
+                max_cache_bytes=CACHE_BYTES)
     chunks = [ids[i:i + 512] for i in range(0, 1500, 512)]
 
     def last_logits(llm):
@@ -216,8 +218,9 @@ def test_flashinfer_cuda_graphs_plan_every_replay():
     give the logits of the eager Triton backend on the same steps, within bf16 noise."""
     _need_flashinfer()
     model = build_model("bench-swa-0.7b", dtype=torch.bfloat16, device="cuda")
-    opts = dict(max_batch_size=4, max_seq_len=1600, max_num_tokens=256, page_size=16, device="cuda", max_cache_bytes=CACHE_BYTES,
-                dtype="bfloat16", speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    opts = dict(max_batch_size=4, max_seq_len=1600, max_num_tokens=256, page_size=16, device="cuda",
+                max_cache_bytes=CACHE_BYTES, dtype="bfloat16",
+                speculative_config={"method": "ngram", "num_speculative_tokens": 3})
     graphed = LLM(model, attn_backend="flashinfer", compile_mode="cudagraph", **opts)
     eager = LLM(model, attn_backend="triton", compile_mode="eager", **opts)
     g = torch.Generator().manual_seed(3)
@@ -275,13 +278,14 @@ def test_flashinfer_ssm_backend_decode_logits_near_triton():
     (captured, plain decode lanes through flashinfer) give the Triton backend's logits within bf16 noise."""
     _need_flashinfer()
     model = build_model("bench-hybrid-0.6b", dtype=torch.bfloat16, device="cuda")
-    opts = dict(max_batch_size=4, max_seq_len=512, max_num_tokens=256, page_size=16, device="cuda", max_cache_bytes=CACHE_BYTES, dtype="bfloat16",
-                attn_backend="triton", compile_mode="cudagraph")
+    opts = dict(max_batch_size=4, max_seq_len=512, max_num_tokens=256, page_size=16, device="cuda",
+                max_cache_bytes=CACHE_BYTES, dtype="bfloat16", attn_backend="triton", compile_mode="cudagraph")
     fast, ref = LLM(model, ssm_backend="flashinfer", **opts), LLM(model, ssm_backend="triton", **opts)
     g = torch.Generator().manual_seed(5)
     prompts_ = [torch.randint(0, 32000, (n,), generator=g).tolist() for n in (300, 40, 7)]
     pages = [list(range(1 + 32 * i, 33 + 32 * i)) for i in range(3)]
-    steps = [[LaneInput(p[s:s + 256], s, i + 1, pages[i])] for i, p in enumerate(prompts_) for s in range(0, len(p), 256)]
+    steps = [[LaneInput(p[s:s + 256], s, i + 1, pages[i])]
+             for i, p in enumerate(prompts_) for s in range(0, len(p), 256)]
     steps += [[LaneInput([11 + t], len(p) + t, i + 1, pages[i]) for i, p in enumerate(prompts_)] for t in range(5)]
     for lanes in steps:
         got, want = fast.engine.runner.run(lanes).float(), ref.engine.runner.run(lanes).float()

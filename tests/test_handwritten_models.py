@@ -8,7 +8,6 @@ import torch
 from autodeploy import LLM, SamplingParams
 from autodeploy.export import ExportError, export_model
 from autodeploy.transforms.match_attention import UncacheableAttention
-
 from handwritten import TinyLM, greedy, logits, prompts
 
 ENGINE = dict(max_batch_size=4, max_seq_len=64, max_num_tokens=16, page_size=4)  # 29-token prompts: 2 chunks

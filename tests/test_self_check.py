@@ -10,7 +10,6 @@ from autodeploy import LLM, SamplingParams
 from autodeploy.models import build_model
 from autodeploy.runtime.pools import PoolSizes
 from autodeploy.self_check import SelfCheckError, probe_schedule, self_check
-
 from handwritten import TinyLM, greedy, prompts
 
 ENGINE = dict(max_batch_size=4, max_seq_len=64, max_num_tokens=16, page_size=4)

@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import tp_worker
 from autodeploy import LLM, SamplingParams
 from autodeploy.cli import main as cli_main
 from autodeploy.models import build_model
-
-import tp_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("hybrid", "gemma3")
@@ -144,7 +143,8 @@ def test_move_graph_module_moves_every_tensor_and_device_argument():
     from autodeploy.fx_utils import move_graph_module
     from autodeploy.transforms.pipeline import PERF_TRANSFORMS
 
-    llm = LLM(build_model("llama"), max_batch_size=2, max_seq_len=32, perf_transforms={n: False for n in PERF_TRANSFORMS})
+    llm = LLM(build_model("llama"), max_batch_size=2, max_seq_len=32,
+              perf_transforms=dict.fromkeys(PERF_TRANSFORMS, False))
     gm = llm.gm
     baked = [n for n in gm.graph.nodes if n.op == "call_function"
              and any(isinstance(a, torch.device) for a in (*n.args, *n.kwargs.values()))]

@@ -12,9 +12,46 @@ cache insertion replaces it with a cached op of the same semantics.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-__all__ = ["attention", "attention_reference"]
+__all__ = ["attention", "attention_reference", "causal_mask", "CachedAttentionLayer"]
+
+
+@dataclass(frozen=True)
+class CachedAttentionLayer:
+    """One attention layer as insert_cached_attention caches it: what a backend's host half may
+    need to know (``autodeploy.backends.HostHalf.spec_for``)."""
+
+    name: str  # the graph node's name, for error messages
+    page_size: int
+    pool_window: int  # 0: the full pool; W: rings of ``ring_pages`` pages per slot bounded by W
+    ring_pages: int
+    window: int  # the layer's sliding window (0: none)
+    chunk: int  # the layer's attention chunk (0: none)
+    scale: float
+    soft_cap: float
+    has_sinks: bool
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+
+def causal_mask(sq: int, skv: int, sliding_window: int = 0, attention_chunk: int = 0,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """[sq, skv] bool, True where query i (at absolute position skv - sq + i) may attend to key j:
+    j <= its position, within the last ``sliding_window`` keys (0: no window), inside its own block
+    of ``attention_chunk`` positions (0: off)."""
+    q_pos = torch.arange(skv - sq, skv, device=device)[:, None]
+    k_pos = torch.arange(skv, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if sliding_window > 0:
+        allowed = allowed & (k_pos > q_pos - sliding_window)
+    if attention_chunk > 0:
+        allowed = allowed & (k_pos // attention_chunk == q_pos // attention_chunk)
+    return allowed
 
 
 def attention_reference(
@@ -50,13 +87,7 @@ def attention_reference(
     scores = torch.einsum("bqhgd,bkhd->bhgqk", qf, kf) * scale
     if soft_cap > 0:
         scores = torch.tanh(scores / soft_cap) * soft_cap
-    q_pos = torch.arange(skv - sq, skv, device=q.device)[:, None]
-    k_pos = torch.arange(skv, device=q.device)[None, :]
-    allowed = k_pos <= q_pos
-    if sliding_window > 0:
-        allowed = allowed & (k_pos > q_pos - sliding_window)
-    if attention_chunk > 0:
-        allowed = allowed & (k_pos // attention_chunk == q_pos // attention_chunk)
+    allowed = causal_mask(sq, skv, sliding_window, attention_chunk, q.device)
     scores = scores.masked_fill(~allowed, float("-inf"))
     if sinks is not None:
         sink = sinks.to(compute).view(1, hkv, group, 1, 1).expand(b, hkv, group, sq, 1)

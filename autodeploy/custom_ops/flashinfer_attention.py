@@ -5,9 +5,11 @@ every backend) and runs flashinfer's paged prefill kernel, which serves decode, 
 prefill lanes of one step in one launch. Host half: :class:`AttentionPlan` runs the graph's own
 ``prepare_attention_metadata`` on the step's raw inputs on the host and turns its window starts
 and page lists into flashinfer's CSR page lists (keys from the window's first page on, flashinfer
-aligning queries to the end of the listed keys), then calls ``plan()``. The runner builds one plan
-per ``plan_id`` found on the graph's flashinfer nodes and calls them all before every run: eager
-steps, warm-up, capture and replay.
+aligning queries to the end of the listed keys), then calls ``plan()``. It is this backend's host
+half in ``autodeploy.backends`` (``HostHalf``): insert_cached_attention records one spec per
+group of layers, the runner builds one plan per ``plan_id`` the graph recorded and calls them all
+before every run: eager steps, warm-up, capture and replay. The op finds its plan by id in
+``PLANS``.
 
 A captured CUDA graph bakes the wrapper's buffers and schedule in, so plans keep two wrappers: one
 in CUDA-graph mode (fixed lane count, buffers sized for the largest step, planned first at the
@@ -17,24 +19,19 @@ Layers with the same pool, heads and parameters share a plan.
 
 from __future__ import annotations
 
-import itertools
 import weakref
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["flashinfer_cached_attention", "AttentionPlan", "AttentionPlanSpec", "new_plan_id", "PLANS"]
+from autodeploy.custom_ops.attention import CachedAttentionLayer
+
+__all__ = ["flashinfer_cached_attention", "AttentionPlan", "AttentionPlanSpec", "PLANS"]
 
 WORKSPACE_BYTES = 256 << 20
-# plan_id -> host half; filled by the runner from the graph, which holds them (weak here, so a
-# dropped engine frees its wrappers' workspaces)
-PLANS: "weakref.WeakValueDictionary[int, AttentionPlan]" = weakref.WeakValueDictionary()
-_plan_ids = itertools.count()
-
-
-def new_plan_id() -> int:
-    """A process-wide unique id (a target and its draft model each own their plans)."""
-    return next(_plan_ids)
+# plan_id -> host half; filled by AttentionPlan.build for the runner, which holds them (weak here,
+# so a dropped engine frees its wrappers' workspaces)
+PLANS: weakref.WeakValueDictionary[int, AttentionPlan] = weakref.WeakValueDictionary()
 
 
 @dataclass(frozen=True)
@@ -80,6 +77,29 @@ class AttentionPlan:
     """The host half of one group of flashinfer attention layers (see the module docstring)."""
 
     _workspace: dict[torch.device, torch.Tensor] = {}
+
+    @classmethod
+    def spec_for(cls, layer: CachedAttentionLayer) -> AttentionPlanSpec:
+        """The plan spec of one cached attention layer; layers with equal specs share a plan."""
+        if layer.chunk > 0:
+            raise ValueError(f"the flashinfer backend has no block-local (chunked) attention ({layer.name}); use "
+                             "attn_backend='triton' or 'torch'")
+        if layer.has_sinks:
+            raise ValueError(f"the flashinfer backend does not take attention sinks ({layer.name}); use "
+                             "attn_backend='triton'")
+        return AttentionPlanSpec(layer.page_size, layer.pool_window, layer.ring_pages, layer.window, layer.scale,
+                                 layer.soft_cap, layer.num_q_heads, layer.num_kv_heads, layer.head_dim, layer.dtype)
+
+    @classmethod
+    def build(cls, spec: AttentionPlanSpec, plan_id: int, num_lanes: int, max_pages_per_lane: int,
+              device) -> AttentionPlan:
+        """The plan the graph's ops of ``plan_id`` run with (registered in ``PLANS``; the caller keeps
+        it alive)."""
+        if plan_id in PLANS:
+            raise ValueError(f"flashinfer plan {plan_id} already belongs to another runner: build one runner per "
+                             "cached graph")
+        plan = PLANS[plan_id] = cls(spec, num_lanes, max_pages_per_lane, device)
+        return plan
 
     def __init__(self, spec: AttentionPlanSpec, num_lanes: int, max_pages_per_lane: int, device):
         import flashinfer

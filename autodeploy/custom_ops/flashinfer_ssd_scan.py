@@ -10,7 +10,7 @@ so the op never syncs with the host and is CUDA-graph safe: the decode kernel ru
 lane, the others pointing at flashinfer's pad slot (read as zeros, never written), and its outputs
 land in one spare row past the step's tokens.
 
-flashinfer's conventions (../shared/DEVICE.md): per-head A, D and dt_bias expanded over head_dim
+flashinfer's conventions (selective_state_update): per-head A, D and dt_bias expanded over head_dim
 with stride 0 ("tie_hdim"), D and dt_bias in dt's dtype. dt is not clamped by the kernel, so a
 model with a dt limit other than (0, inf), or a step with more lanes than the pool has state slots
 (flashinfer checks ``state.size(0) >= batch``), runs every lane through the Triton scan. The causal
@@ -46,7 +46,10 @@ def decode_lane_inputs(x, dt, B, C, slots, cu_seqlens, has_state, replay_lens, i
     x_d = torch.empty(lanes, h, p, dtype=x.dtype, device=dev)
     dt_d = torch.empty(lanes, h, dtype=dt.dtype, device=dev)
     B_d, C_d = (torch.empty(lanes, g, n, dtype=t.dtype, device=dev) for t in (B, C))
-    as_u8 = (lambda t: t.view(torch.uint8) if t.dtype == torch.bool else t)
+
+    def as_u8(t: torch.Tensor) -> torch.Tensor:
+        return t.view(torch.uint8) if t.dtype == torch.bool else t
+
     decode_lane_inputs_kernel[(lanes,)](
         x[0], dt[0], B[0], C[0], slots, cu_seqlens, as_u8(has_state), replay_lens, as_u8(is_verify),
         plain, state_idx, out_rows, x_d, dt_d, B_d, C_d, num_tokens,

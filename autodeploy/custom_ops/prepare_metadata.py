@@ -2,9 +2,10 @@
 
 The runtime hands the graph only raw facts per step (flat token ids; per lane: new-token count,
 cached length, sequence slot, full-attention page table, accepted tokens of its previous verify
-step, whether it verifies drafts now). These ops turn them into kernel
-metadata, so every execution path computes them the same way (see DESIGN.md, "the graph owns all
-buffer initialisation"). Pure tensor arithmetic: no host sync, nothing read from outside the graph.
+step, whether it verifies drafts now). These ops turn them into kernel metadata, so every
+execution path computes them the same way (the graph owns all buffer initialisation: eager,
+warm-up, CUDA-graph capture and replay run the same prepare nodes). Pure tensor arithmetic: no
+host sync, nothing read from outside the graph.
 
 Lanes are fixed in number; a padded lane has 0 new tokens, slot 0 (the null slot) and a page-table
 row of 0s (the null page), so everything it produces points inside the pools.
@@ -14,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["prepare_attention_metadata", "prepare_ssm_metadata", "prepare_logit_rows", "logit_row_counts", "swa_ring_pages",
-           "attention_metadata_reference", "ssm_metadata_reference"]
+__all__ = ["prepare_attention_metadata", "prepare_ssm_metadata", "prepare_logit_rows", "logit_row_counts",
+           "swa_ring_pages", "attention_metadata_reference", "ssm_metadata_reference"]
 
 
 def swa_ring_pages(window: int, max_num_tokens: int, page_size: int) -> int:

@@ -19,7 +19,8 @@ __all__ = ["triton_logit_rows"]
 
 
 @triton.jit
-def _logit_rows_kernel(seq_lens_ptr, verify_ptr, rows_ptr, num_lanes, num_rows, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+def _logit_rows_kernel(seq_lens_ptr, verify_ptr, rows_ptr, num_lanes, num_rows, BLOCK: tl.constexpr,
+                       PDL: tl.constexpr = False):
     pdl_wait(PDL)
     offs = tl.arange(0, BLOCK)
     token = tl.full([], 0, tl.int64)  # int64 from the start: the loop adds int64 lengths (the

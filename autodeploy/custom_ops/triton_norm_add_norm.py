@@ -26,7 +26,8 @@ def _norm(x, w_ptr, cols, ok, n_cols, eps, weight_offset, CAST_FIRST: tl.constex
 
 @triton.jit
 def _norm_add_norm_kernel(x_ptr, w1_ptr, res_ptr, w2_ptr, mid_ptr, sum_ptr, out_ptr, n_cols, eps1, offset1, eps2,
-                          offset2, CAST_FIRST1: tl.constexpr, CAST_FIRST2: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+                          offset2, CAST_FIRST1: tl.constexpr, CAST_FIRST2: tl.constexpr, BLOCK: tl.constexpr,
+                          PDL: tl.constexpr = False):
     pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)

@@ -33,7 +33,8 @@ def _norm_gemv_kernel(x_ptr, res_ptr, sum_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, N,
     ka = tl.arange(0, K_POW2)
     row = tl.load(x_ptr + ka, mask=ka < K, other=0.0)
     if HAS_RESIDUAL:
-        row = (row.to(tl.float32) + tl.load(res_ptr + ka, mask=ka < K, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+        row = (row.to(tl.float32)
+               + tl.load(res_ptr + ka, mask=ka < K, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
         if tl.program_id(0) == 0:
             tl.store(sum_ptr + ka, row, mask=ka < K)
     rowf = row.to(tl.float32)
@@ -44,7 +45,8 @@ def _norm_gemv_kernel(x_ptr, res_ptr, sum_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, N,
         k_ok = kk < K
         xk = tl.load(x_ptr + kk, mask=k_ok, other=0.0)
         if HAS_RESIDUAL:
-            xk = (xk.to(tl.float32) + tl.load(res_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+            xk = (xk.to(tl.float32)
+                  + tl.load(res_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
         y = xk.to(tl.float32) * rstd
         nw = tl.load(nw_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
         if CAST_FIRST:  # weight * y.to(x.dtype)

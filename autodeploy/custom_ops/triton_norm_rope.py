@@ -17,7 +17,8 @@ __all__ = ["triton_norm_rope"]
 @triton.jit
 def _norm_rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, pos_ptr, cos_ptr, sin_ptr, hq, eps, weight_offset,
                       sq_t, sq_h, sk_t, sk_h, so_qt, so_qh, so_kt, so_kh,
-                      HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, CAST_FIRST: tl.constexpr, PDL: tl.constexpr = False):
+                      HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, CAST_FIRST: tl.constexpr,
+                      PDL: tl.constexpr = False):
     pdl_wait(PDL)
     token, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
     if head < hq:

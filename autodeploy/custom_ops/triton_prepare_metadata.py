@@ -89,9 +89,10 @@ def triton_prepare_attention_metadata(num_tokens: int, seq_lens, cached_lens, sl
     block_t = 64
     _attention_metadata_kernel[(max(1, triton.cdiv(num_tokens, block_t)),)](
         seq_lens, cached_lens, slots, page_table, write, kv_start, kv_len, pages, cu,
-        num_tokens, lanes, width, page_table.stride(0), page_table.stride(1), page_size, window, ring_pages, pages_width,
-        attention_chunk,
-        BLOCK_T=block_t, BLOCK_L=triton.next_power_of_2(lanes), BLOCK_P=min(max(2048 // triton.next_power_of_2(lanes), 8), triton.next_power_of_2(max(pages_width, 1))),
+        num_tokens, lanes, width, page_table.stride(0), page_table.stride(1), page_size, window, ring_pages,
+        pages_width, attention_chunk,
+        BLOCK_T=block_t, BLOCK_L=triton.next_power_of_2(lanes),
+        BLOCK_P=min(max(2048 // triton.next_power_of_2(lanes), 8), triton.next_power_of_2(max(pages_width, 1))),
         **pdl_launch(seq_lens.device),
     )
     return write, kv_start, kv_len, pages, cu

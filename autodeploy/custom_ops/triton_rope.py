@@ -19,7 +19,8 @@ __all__ = ["triton_rope"]
 @triton.jit
 def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cos_ptr, sin_ptr, hq,
                  sq_t, sq_h, sk_t, sk_h, so_qt, so_qh, so_kt, so_kh,
-                 HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+                 HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                 PDL: tl.constexpr = False):
     pdl_wait(PDL)
     token, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
     is_q = head < hq

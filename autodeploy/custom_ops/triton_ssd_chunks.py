@@ -2,7 +2,7 @@
 
 The scan kernel walks a lane's tokens in order: a 2k-token prefill is 64 dependent tiles per
 (head, block of head_dim rows), a few hundred programs on a GPU with thousands of slots (14.8 ms
-of bench-hybrid's 18.9 ms captured 2k prefill, session 6). Lanes of at least ``PARALLEL_MIN_TOKENS``
+of bench-hybrid's 18.9 ms captured 2k prefill on an H200). Lanes of at least ``PARALLEL_MIN_TOKENS``
 tokens that start from a committed state (no replay, not verifying) go through three launches
 instead, split into chunks of ``PARALLEL_CHUNK`` tokens:
 
@@ -17,7 +17,7 @@ instead, split into chunks of ``PARALLEL_CHUNK`` tokens:
 Exact algebra (the state is linear in its start), so only float rounding differs from the scan.
 
 Off by default (``PARALLEL_MIN_TOKENS = None``; set it to a token count to turn it on): measured
-slower, not faster (session 7, H200, bench-hybrid-0.6b captured 2k prefill: 19.4 ms with it, 18.7 ms
+slower, not faster (H200, bench-hybrid-0.6b captured 2k prefill: 19.4 ms with it, 18.7 ms
 with the serial scan). The serial scan's 256 programs (64 heads x 4 row blocks) already keep every SM
 busy, so its cost is the tile arithmetic, not the chain of dependent tiles, and splitting the chain
 adds launch 1's work. It can only pay where a step's serial grid leaves SMs idle (few heads, one

@@ -317,7 +317,8 @@ def triton_cached_ssd_scan(
     in [16, 32]); the result does not depend on it beyond float rounding.
     """
     return launch_cached_ssd_scan(x, dt, A, B, C, D, dt_bias, ssm_state, replay_x, replay_dt, replay_B, slots,
-                                  cu_seqlens, has_state, replay_lens, is_verify, dt_softplus, dt_min, dt_max, chunk_size)
+                                  cu_seqlens, has_state, replay_lens, is_verify, dt_softplus, dt_min, dt_max,
+                                  chunk_size)
 
 
 def launch_cached_ssd_scan(x, dt, A, B, C, D, dt_bias, ssm_state, replay_x, replay_dt, replay_B, slots, cu_seqlens,

@@ -8,7 +8,8 @@ downloaded.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -97,7 +98,8 @@ def _hybrid() -> Any:
                            "linear_attention", "mlp", "full_attention", "mlp"],
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
         sliding_window=24, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2,
-        conv_kernel=4, expand=2, chunk_size=16, initializer_range=0.1,  # strong enough that a wrong state changes tokens
+        # initializer_range: strong enough that a wrong state changes tokens
+        conv_kernel=4, expand=2, chunk_size=16, initializer_range=0.1,
     )
 
 
@@ -115,7 +117,9 @@ ZOO: dict[str, tuple[Callable[[], Any], str]] = {
 
 
 def _bench_hybrid_06b() -> Any:
-    """The benchmark model of ../shared/DEVICE.md: NemotronH-style, 0.59 B parameters."""
+    """The hybrid benchmark model: NemotronH-style, 0.59 B parameters, 18 layers (8 Mamba2 mixers,
+    8 MLPs, 2 full-attention layers with 4 KV heads), for the decode, prefill and speculation
+    benchmarks and the GPU tests."""
     from transformers import NemotronHConfig
 
     return NemotronHConfig(

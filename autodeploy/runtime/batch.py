@@ -39,7 +39,7 @@ class DeviceTokens:
         self.offsets.append(offset)
         self.rows.append(row)
 
-    def source(self, launched) -> "tuple[torch.Tensor, list[int], list[int]] | None":
+    def source(self, launched) -> tuple[torch.Tensor, list[int], list[int]] | None:
         """(chosen tokens of the step in flight, their rows, step offsets), or None if none."""
         return (launched.tokens, self.rows, self.offsets) if self.offsets else None
 

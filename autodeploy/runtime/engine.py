@@ -27,8 +27,8 @@ import itertools
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 from torch.fx import GraphModule

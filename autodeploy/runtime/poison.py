@@ -4,7 +4,7 @@ Before a step runs (eager, compiled, or a CUDA-graph replay), ``poison_step`` fi
 (NaN for floats, 0x7FFFFFFF for integers) everything the step has no business reading:
 
 - every graph input that is neither a raw step input nor a cache (metadata prepared outside the
-  graph would be such an input: the class of bug DESIGN.md's first story is about);
+  graph would be such an input, stale after a CUDA-graph replay that skipped the code preparing it);
 - full-attention pages no sequence owns, the null page, and in the pages of the step's sequences
   every position at or past its cached length (rejected drafts live there);
 - sliding-window ring rows of the step's sequences outside the window before the step; the rings,

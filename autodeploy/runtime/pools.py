@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from autodeploy.cache_spec import POOL_FULL, CacheSpec
-from autodeploy.custom_ops.prepare_metadata import swa_ring_pages
 
 NULL_SLOT = 0
 NULL_PAGE = 0
@@ -89,7 +88,7 @@ def cache_shape(spec: CacheSpec, sizes: PoolSizes) -> tuple[int, ...]:
     if spec.pool == POOL_FULL:
         pages = sizes.num_full_pages + 1
     else:
-        pages = slots_total * swa_ring_pages(spec.window, sizes.max_num_tokens, sizes.page_size)
+        pages = slots_total * spec.ring_pages  # the ring the graph's prepare node addresses
     return (pages, sizes.page_size, *spec.shape)
 
 

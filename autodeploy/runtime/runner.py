@@ -21,12 +21,12 @@ import time
 import torch
 from torch.fx import GraphModule
 
+from autodeploy.backends import build_host_halves
 from autodeploy.cache_spec import CacheSpec
 from autodeploy.fx_utils import placeholder_names
 from autodeploy.runtime.batch import BatchInputs, LaneInput, logit_row_count, logit_rows
 from autodeploy.runtime.poison import PoolPoisoner, poison_step
 from autodeploy.runtime.pools import CachePools, PoolSizes
-
 
 COMPILE_MODES = {"eager": "eager", "torch-simple": "eager", "inductor": "inductor", "torch-compile": "inductor",
                  "cudagraph": "cudagraph", "torch-cudagraph": "cudagraph", "inductor+cudagraph": "inductor+cudagraph",
@@ -41,22 +41,9 @@ def default_capture_sizes(max_batch_size: int, max_draft_tokens: int, max_num_to
 
 
 def host_halves(gm: GraphModule, sizes: PoolSizes, device) -> list:
-    """The host halves the graph's nodes declare (flashinfer's ``plan()``), one per plan id: they
-    run before every step, on every path (eager, warm-up, capture, replay)."""
-    from autodeploy.custom_ops import flashinfer_attention as fa
-
-    ids = sorted({n.args[-1] for n in gm.graph.nodes
-                  if n.op == "call_function" and n.target == torch.ops.autodeploy.flashinfer_cached_attention.default})
-    specs = gm.meta.get("autodeploy_attention_plans", {})
-    halves = []
-    for plan_id in ids:
-        if plan_id in fa.PLANS:
-            raise ValueError(f"flashinfer plan {plan_id} already belongs to another runner: build one runner per "
-                             "cached graph")
-        half = fa.AttentionPlan(specs[plan_id], sizes.max_batch_size + 1, sizes.max_pages_per_seq, device)
-        fa.PLANS[plan_id] = half  # the op finds its host half by id; the runner keeps it alive
-        halves.append(half)
-    return halves
+    """The host halves the graph's cached ops declare (autodeploy.backends.HostHalf), one per id:
+    they run before every step, on every path (eager, warm-up, capture, replay)."""
+    return build_host_halves(gm.meta, sizes.max_batch_size + 1, sizes.max_pages_per_seq, device)
 
 
 class GraphRunner:

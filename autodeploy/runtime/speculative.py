@@ -15,8 +15,8 @@ model run by its own graph and caches. An MTP head would be a third.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -48,7 +48,7 @@ class SpecDecodingStats:
     def mean_accepted_length(self) -> float:
         return 1 + self.num_accepted_tokens / self.num_verify_steps if self.num_verify_steps else 0.0
 
-    def add(self, other: "SpecDecodingStats") -> None:
+    def add(self, other: SpecDecodingStats) -> None:
         self.num_verify_steps += other.num_verify_steps
         self.num_draft_tokens += other.num_draft_tokens
         self.num_accepted_tokens += other.num_accepted_tokens

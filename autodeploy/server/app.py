@@ -14,7 +14,8 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -182,33 +183,12 @@ def build_app(llm: Any, model_name: str, ready: Callable[[], None] | None = None
         if not prompt_ids:
             raise RequestError("the prompt is empty", "prompt")
         gen = await start(body, prompt_ids, body.max_tokens or 16)
-        rid = f"cmpl-{uuid.uuid4().hex}"
 
         def choice(text: str, ids: list[int], reason: str | None) -> dict:
-            out = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-            if body.return_token_ids:
-                out["token_ids"] = ids
-            return out
+            return _choice(body, {"text": text}, ids, reason)
 
-        def envelope(choices: list[dict], **extra: Any) -> dict:
-            out = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                   "choices": choices, **extra}
-            if body.return_token_ids:
-                out["prompt_token_ids"] = prompt_ids
-            return out
-
-        if body.stream:
-            async def events():
-                async for delta, ids, reason in gen.deltas():
-                    if delta or reason or body.return_token_ids:  # (text held back: nothing to say yet)
-                        yield envelope([choice(delta, ids, reason)])
-                if body.include_usage:
-                    yield envelope([], usage=gen.usage())
-            return _sse(events())
-        done = await _collect(gen, raw)
-        if done is None:
-            return Response(status_code=499)
-        return envelope([choice(*done)], usage=gen.usage())
+        return await _reply(body, gen, raw, f"cmpl-{uuid.uuid4().hex}", model_name, ("text_completion",) * 2,
+                            choice, choice)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
@@ -219,41 +199,56 @@ def build_app(llm: Any, model_name: str, ready: Callable[[], None] | None = None
         except ValueError as e:
             raise RequestError(str(e), "messages") from e
         gen = await start(body, prompt_ids, body.max_completion_tokens or body.max_tokens)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
 
-        def envelope(choices: list[dict], obj: str = "chat.completion.chunk", **extra: Any) -> dict:
-            out = {"id": rid, "object": obj, "created": int(time.time()), "model": model_name, "choices": choices,
-                   **extra}
-            if body.return_token_ids:
-                out["prompt_token_ids"] = prompt_ids
-            return out
+        def chunk(delta: str, ids: list[int], reason: str | None) -> dict:
+            return _choice(body, {"delta": {"content": delta} if delta else {}}, ids, reason)
 
-        def chunk(delta: dict, ids: list[int], reason: str | None) -> dict:
-            out = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
-            if body.return_token_ids:
-                out["token_ids"] = ids
-            return out
+        def message(text: str, ids: list[int], reason: str | None) -> dict:
+            return _choice(body, {"message": {"role": "assistant", "content": text}}, ids, reason)
 
-        if body.stream:
-            async def events():
-                yield envelope([chunk({"role": "assistant", "content": ""}, [], None)])
-                async for delta, ids, reason in gen.deltas():
-                    if delta or reason or body.return_token_ids:
-                        yield envelope([chunk({"content": delta} if delta else {}, ids, reason)])
-                if body.include_usage:
-                    yield envelope([], usage=gen.usage())
-            return _sse(events())
-        done = await _collect(gen, raw)
-        if done is None:
-            return Response(status_code=499)
-        text, ids, reason = done
-        message = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                   "finish_reason": reason}
-        if body.return_token_ids:
-            message["token_ids"] = ids
-        return envelope([message], obj="chat.completion", usage=gen.usage())
+        return await _reply(body, gen, raw, f"chatcmpl-{uuid.uuid4().hex}", model_name,
+                            ("chat.completion.chunk", "chat.completion"), chunk, message,
+                            opening=_choice(body, {"delta": {"role": "assistant", "content": ""}}, [], None))
 
     return app
+
+
+def _choice(body: _Request, fields: dict, ids: list[int], reason: str | None) -> dict:
+    """One choice of a response or chunk: ``fields`` (text, delta or message), with the token ids
+    when the request asked for them."""
+    out = {"index": 0, **fields, "logprobs": None, "finish_reason": reason}
+    if body.return_token_ids:
+        out["token_ids"] = ids
+    return out
+
+
+async def _reply(body: _Request, gen: _Generation, raw: Request, rid: str, model_name: str, objects: tuple[str, str],
+                 streamed: Callable[[str, list[int], str | None], dict],
+                 whole: Callable[[str, list[int], str | None], dict], opening: dict | None = None) -> Any:
+    """The answer to a (chat) completion request: server-sent chunks (``objects[0]``; ``opening``
+    first, then a ``streamed`` choice per delta, then the usage if asked for) with ``"stream": true``,
+    else one ``objects[1]`` body holding the ``whole`` choice; 499 when the client left first."""
+    def envelope(choices: list[dict], obj: str = objects[0], **extra: Any) -> dict:
+        out = {"id": rid, "object": obj, "created": int(time.time()), "model": model_name, "choices": choices,
+               **extra}
+        if body.return_token_ids:
+            out["prompt_token_ids"] = gen.prompt_ids
+        return out
+
+    if body.stream:
+        async def events():
+            if opening is not None:
+                yield envelope([opening])
+            async for delta, ids, reason in gen.deltas():
+                if delta or reason or body.return_token_ids:  # (text held back: nothing to say yet)
+                    yield envelope([streamed(delta, ids, reason)])
+            if body.include_usage:
+                yield envelope([], usage=gen.usage())
+        return _sse(events())
+    done = await _collect(gen, raw)
+    if done is None:
+        return Response(status_code=499)
+    return envelope([whole(*done)], obj=objects[1], usage=gen.usage())
 
 
 def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
@@ -273,9 +268,10 @@ async def _collect(gen: _Generation, raw: Request) -> tuple[str, list[int], str 
     """The whole completion, or None when the client disconnected first (its request is aborted)."""
     async def whole():
         text, ids, reason = "", [], None
-        async for delta, new, reason in gen.deltas():
+        async for delta, new, last in gen.deltas():
             text += delta
             ids += new
+            reason = last
         return text, ids, reason
 
     async def disconnected():

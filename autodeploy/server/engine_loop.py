@@ -100,7 +100,7 @@ class EngineLoop:
         except Exception as e:  # a broken engine: tell every waiting client, refuse new requests
             logger.exception("engine loop failed")
             self.error = f"{type(e).__name__}: {e}"
-            for rid, tracked in list(self._tracked.items()):
+            for tracked in list(self._tracked.values()):
                 self._send(tracked, TokenEvent([], "error", self.error))
             self._tracked.clear()
             self._drain_after_failure()

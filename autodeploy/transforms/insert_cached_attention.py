@@ -14,8 +14,9 @@ Full-attention layers (W = 0) share the paged pool addressed by ``page_table``; 
 layers with window W use a pool of per-slot rings bounded by W and the step's token budget, not by
 the sequence length; block-local (chunked) layers with chunk C likewise, rings bounded by C (a
 query never sees more than the C - 1 keys before it). Raw inputs and caches become graph inputs; specs go to
-``gm.meta["autodeploy_caches"]``. The flashinfer op takes one argument more, the id of its host half
-(``plan()``), whose spec goes to ``gm.meta["autodeploy_attention_plans"]``.
+``gm.meta["autodeploy_caches"]``. A backend with a host half (``autodeploy.backends.HostHalf``)
+takes one argument more, the id of its host half, whose spec is recorded on the graph
+(``backends.record_host_half``); layers with equal specs share one.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule
 
-from autodeploy.backends import cached_op
+from autodeploy.backends import cached_op, host_half_class, record_host_half
 from autodeploy.cache_spec import POOL_FULL, RAW_INPUTS, CacheSpec, chunk_pool, swa_pool
-from autodeploy.custom_ops.flashinfer_attention import AttentionPlanSpec, new_plan_id
+from autodeploy.custom_ops.attention import CachedAttentionLayer
 from autodeploy.custom_ops.prepare_metadata import swa_ring_pages
 from autodeploy.fx_utils import graph_input, op_kwargs, op_nodes
 from autodeploy.transforms.base import Transform, TransformConfig, TransformInfo
@@ -51,12 +52,8 @@ class InsertCachedAttention(Transform):
 
     def apply(self, gm: GraphModule, info: TransformInfo) -> None:
         cfg = self.config
-        if cfg.backend == "flashinfer":  # before importing it: the refusal does not depend on it being installed
-            chunked = [n.name for n in op_nodes(gm, ATTENTION) if int(op_kwargs(n)["attention_chunk"]) > 0]
-            if chunked:
-                raise ValueError(f"{self.name}: the flashinfer backend has no block-local (chunked) attention "
-                                 f"({', '.join(chunked)}); use attn_backend='triton' or 'torch'")
         cached_attention = cached_op("attention", cfg.backend)
+        host_half = host_half_class("attention", cfg.backend)
         if cfg.page_size <= 0 or cfg.max_num_tokens <= 0:
             raise ValueError(f"{self.name}: page_size and max_num_tokens must be positive, got {cfg}")
         nodes = op_nodes(gm, ATTENTION)
@@ -68,8 +65,6 @@ class InsertCachedAttention(Transform):
         specs: list[CacheSpec] = gm.meta.setdefault("autodeploy_caches", [])
         prepared: dict[tuple[int, int], list[torch.fx.Node]] = {}  # by (ring bound, chunk)
         ring_pages_of: dict[tuple[int, int], int] = {}
-        plans = gm.meta.setdefault("autodeploy_attention_plans", {}) if cfg.backend == "flashinfer" else None
-        plan_ids: dict[AttentionPlanSpec, int] = {}
         export_meta = gm.meta.get("autodeploy")
         full_pages = -(-export_meta.max_seq_len // cfg.page_size) if export_meta is not None else None
         for index, node in enumerate(nodes):
@@ -88,16 +83,17 @@ class InsertCachedAttention(Transform):
             k_val = kw["k"].meta.get("val")
             hkv, head_dim = k_val.shape[2], k_val.shape[3]
             pool = (chunk_pool(window) if chunk else swa_pool(window)) if window > 0 else POOL_FULL
+            key = (window, chunk)
+            if key not in ring_pages_of:
+                ring_pages_of[key] = swa_ring_pages(window, cfg.max_num_tokens, cfg.page_size) if window > 0 else 0
+            ring = ring_pages_of[key]
             caches = []
             for which in ("k", "v"):
                 name = f"{which}_cache_{index}"
-                specs.append(CacheSpec(name, "kv", pool, (hkv, head_dim), k_val.dtype, window))
+                specs.append(CacheSpec(name, "kv", pool, (hkv, head_dim), k_val.dtype, window, ring))
                 caches.append(graph_input(gm, name))
             with graph.inserting_before(node):
-                key = (window, chunk)
                 if key not in prepared:
-                    ring = swa_ring_pages(window, cfg.max_num_tokens, cfg.page_size) if window > 0 else 0
-                    ring_pages_of[key] = ring
                     prep = graph.call_function(PREPARE, (
                         input_ids, *(raw[n] for n in ("seq_lens", "cached_lens", "slots", "page_table")),
                         cfg.page_size, window, ring, *((chunk,) if chunk else ())))
@@ -108,16 +104,16 @@ class InsertCachedAttention(Transform):
                     (kw["q"], kw["k"], kw["v"], *caches, *meta, kw["scale"], op_window, kw["soft_cap"], kw["sinks"],
                      *((op_chunk,) if op_chunk else ())),
                 )
-            if plans is not None:  # flashinfer: one more argument, the id of the host half that plans it
-                spec = AttentionPlanSpec(cfg.page_size, window, ring_pages_of[(window, chunk)], op_window, float(kw["scale"]),
-                                         float(kw["soft_cap"]), kw["q"].meta["val"].shape[2], hkv, head_dim,
-                                         k_val.dtype)
-                if kw["sinks"] is not None:
-                    raise ValueError(f"{self.name}: the flashinfer backend does not take attention sinks "
-                                     f"({node.name}); use attn_backend='triton'")
-                plan_id = plan_ids.setdefault(spec, new_plan_id())
-                plans[plan_id] = spec
-                cached.args = (*cached.args, plan_id)
+            if host_half is not None:  # one argument more: the id of the host half that plans the step
+                layer = CachedAttentionLayer(
+                    node.name, cfg.page_size, window, ring_pages_of[(window, chunk)], op_window, op_chunk,
+                    float(kw["scale"]), float(kw["soft_cap"]), kw["sinks"] is not None,
+                    kw["q"].meta["val"].shape[2], hkv, head_dim, k_val.dtype)
+                try:
+                    spec = host_half.spec_for(layer)
+                except ValueError as e:
+                    raise ValueError(f"{self.name}: {e}") from None
+                cached.args = (*cached.args, record_host_half(gm.meta, "attention", cfg.backend, spec))
             cached.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack")})
             node.replace_all_uses_with(cached)
             graph.erase_node(node)

@@ -85,7 +85,8 @@ class InsertCachedSSM(Transform):
             _, _, h, p = x_val.shape
             g, n = b_val.shape[2:]
             state = cache(f"ssm_state_{index}", "ssm", (h, p, n), torch.float32)
-            buffers = (replay(f"replay_x_{index}", (h, p), x_val.dtype), replay(f"replay_dt_{index}", (h,), dt_val.dtype),
+            buffers = (replay(f"replay_x_{index}", (h, p), x_val.dtype),
+                       replay(f"replay_dt_{index}", (h,), dt_val.dtype),
                        replay(f"replay_B_{index}", (g, n), b_val.dtype))
             with graph.inserting_before(node):
                 cached = graph.call_function(cached_scan, (

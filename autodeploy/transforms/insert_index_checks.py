@@ -3,8 +3,10 @@
 
 Before::
 
-    meta = prepare_attention_metadata(...)                  cu, has_state, replay, verify = prepare_ssm_metadata(...)
-    out = <backend>_cached_attention(..., k_cache, ..., meta)   y = <backend>_cached_ssd_scan(..., slots, cu, ..., replay, verify)
+    meta = prepare_attention_metadata(...)
+    out = <backend>_cached_attention(..., k_cache, ..., meta)
+    cu, has_state, replay, verify = prepare_ssm_metadata(...)
+    y = <backend>_cached_ssd_scan(..., slots, cu, ..., replay, verify)
 
 After::
 

@@ -27,7 +27,6 @@ import contextlib
 import logging
 import math
 import sys
-
 from dataclasses import dataclass
 
 import torch

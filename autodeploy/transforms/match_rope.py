@@ -50,7 +50,8 @@ class _Rope:
 
 def _rotate_half_of(node) -> Node | None:
     """x if node is cat([-x[..., h:], x[..., :h]], -1)."""
-    if not (is_op(node, aten.cat.default) and len(node.args[0]) == 2 and _last_dim(node, node.args[1] if len(node.args) > 1 else 0)):
+    dim = node.args[1] if len(node.args) > 1 else 0
+    if not (is_op(node, aten.cat.default) and len(node.args[0]) == 2 and _last_dim(node, dim)):
         return None
     neg, low = node.args[0]
     if not (is_op(neg, aten.neg.default) and is_op(neg.args[0], aten.slice.Tensor) and is_op(low, aten.slice.Tensor)):
@@ -160,7 +161,7 @@ class MatchRope(Transform):
                 continue
             by_layer.setdefault(slot[0], {})[slot[1]] = m
         tables: dict[tuple[Node, Node], tuple[str, str, int]] = {}
-        for attention, pair in by_layer.items():
+        for pair in by_layer.values():
             if set(pair) != {0, 1} or (pair[0].cos, pair[0].sin) != (pair[1].cos, pair[1].sin):
                 unmatched += len(pair)
                 continue

@@ -1,25 +1,33 @@
-"""Run an ordered list of transforms over an exported graph.
+"""Assemble the cached graph: export, the ordered transform list with its options, and running it.
 
 The order is explicit (``DEFAULT_PIPELINE``, overridable by the caller); each transform may name
 the transforms it ``requires`` earlier, and the pipeline checks that with a networkx dependency
 graph before anything runs, so a misordered list fails fast instead of half-transforming a graph.
+``build_cached_graph`` is the whole assembly an engine runs: the backends resolved for the device,
+the export, the cached pipeline (``cached_pipeline_plan``: which transforms, with which options)
+and the backends recorded on the graph.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
+import torch.nn as nn
 from torch.fx import GraphModule
 
+from autodeploy import backends
 from autodeploy.transforms.base import TransformInfo
+
+if TYPE_CHECKING:
+    from autodeploy.api import DeployConfig
 
 logger = logging.getLogger("autodeploy.transforms")
 
 DEFAULT_PIPELINE: tuple[str, ...] = ("match_attention",)
-CACHED_PIPELINE: tuple[str, ...] = ("match_attention", "insert_cached_attention", "insert_cached_ssm")
 # the graph rewrites a serving engine wants (each switchable in DeployConfig.perf_transforms), and
 # where they go: the pattern matchers before the caches, the rewrites of the cached graph after
 PERF_TRANSFORMS: tuple[str, ...] = ("match_rope", "match_rms_norm", "fuse_norm_add_norm", "fuse_norm_rope",
@@ -94,3 +102,44 @@ def run_pipeline(
         transform = TRANSFORMS[name](config.get(name))
         infos.append(transform(gm, dump_dir=dump_dir, index=index))
     return infos
+
+
+def resolve_backends(cfg: DeployConfig) -> dict[str, str]:
+    """The attention and SSM backends to use (``"auto"`` resolved for the device)."""
+    attn = backends.resolve("attention", cfg.attn_backend, cfg.device, cfg.dtype)
+    ssm = backends.resolve("ssd_scan", cfg.ssm_backend, cfg.device, cfg.dtype)
+    if backends.resolve("causal_conv1d", ssm, cfg.device, cfg.dtype) != ssm:
+        raise ValueError(f"no {ssm!r} backend for causal_conv1d")
+    return {"attention": attn, "ssm": ssm}
+
+
+def cached_pipeline_plan(cfg: DeployConfig, chosen: Mapping[str, str], rank: int = 0,
+                         ) -> tuple[tuple[str, ...], dict[str, dict[str, Any]]]:
+    """(transform names, their options) of the cached pipeline for a completed ``cfg`` with the
+    backends ``chosen`` (``resolve_backends``); ``rank``: this process's tensor-parallel rank."""
+    names = cached_pipeline(cfg.perf_transforms, cfg.checked, cfg.device)
+    if cfg.tensor_parallel_size > 1:  # on the plain exported graph, before fusions and caches
+        names = (*names[:1], "shard_tensor_parallel", *names[1:])
+    options = {
+        "match_attention": {"unmatched": "error"},  # a layer left as exported would see one step's tokens
+        "insert_cached_attention": {"page_size": cfg.page_size, "max_num_tokens": cfg.max_num_tokens,
+                                    "backend": chosen["attention"]},
+        "insert_cached_ssm": {"backend": chosen["ssm"], "max_draft_tokens": cfg.num_speculative_tokens},
+        "match_rope": {"max_positions": max(cfg.max_seq_len, cfg.max_num_tokens)},
+        "gather_logits": {"max_draft_tokens": cfg.num_speculative_tokens},
+        "shard_tensor_parallel": {"rank": rank, "world_size": cfg.tensor_parallel_size},
+    }
+    return names, {k: v for k, v in options.items() if k in names}
+
+
+def build_cached_graph(model: nn.Module, cfg: DeployConfig, rank: int = 0) -> tuple[GraphModule, list[TransformInfo]]:
+    """Export ``model`` and run the cached pipeline for a completed ``cfg``: (graph, transform infos).
+    The graph's ``meta["autodeploy_backends"]`` records the backends chosen."""
+    from autodeploy.export import export_model
+
+    chosen = resolve_backends(cfg)
+    gm = export_model(model, max_seq_len=cfg.max_seq_len)
+    names, options = cached_pipeline_plan(cfg, chosen, rank)
+    infos = run_pipeline(gm, names, options)
+    gm.meta["autodeploy_backends"] = chosen
+    return gm, infos

@@ -16,7 +16,7 @@ LANES = [(9, 0, 1), (5, 6, 2), (1, 30, 3), (3, 17, 4), (0, 12, 5), (2, 0, 0)]
 def test_csr_page_lists_match_the_prepare_node(window):
     ring = swa_ring_pages(window, 16, PAGE) if window else 0
     table = torch.zeros(len(LANES), 10, dtype=torch.int32)
-    for i, (n, cached, slot) in enumerate(LANES):
+    for i, (_, _, slot) in enumerate(LANES):
         if slot:
             table[i] = torch.arange(10) + 10 * slot  # distinct pages per lane
     host = {"seq_lens": torch.tensor([n for n, _, _ in LANES], dtype=torch.int32),

@@ -9,11 +9,15 @@ import torch
 
 pytest.importorskip("triton")
 
+from test_triton_ssd_scan import MIXED, TORCH, assert_close_scaled, make_step  # noqa: E402
+
 from autodeploy.custom_ops import triton_ssd_scan  # noqa: E402,F401
 from autodeploy.custom_ops.flashinfer_ssd_scan import (  # noqa: E402
-    PAD_SLOT, decode_lane_inputs, scan_with_decode_kernel, selective_state_update_reference)
-
-from test_triton_ssd_scan import MIXED, TORCH, assert_close_scaled, make_step  # noqa: E402
+    PAD_SLOT,
+    decode_lane_inputs,
+    scan_with_decode_kernel,
+    selective_state_update_reference,
+)
 
 MUTABLE = ("ssm_state", "replay_x", "replay_dt", "replay_B")
 DECODES = [(1, 7, 1, 0, False), (1, 12, 2, 0, False), (0, 0, 0, 0, False), (1, 30, 3, 0, False)]

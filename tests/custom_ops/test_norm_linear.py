@@ -65,7 +65,8 @@ def test_ops_are_the_pair_they_replace_and_pass_opcheck():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("casts", [((0.0, True), (0.0, True)), ((1.0, False), (1.0, False)), ((0.0, False), (1.0, True))])
+@pytest.mark.parametrize("casts", [((0.0, True), (0.0, True)), ((1.0, False), (1.0, False)),
+                                   ((0.0, False), (1.0, True))])
 def test_norm_add_norm_is_the_two_ops(dtype, casts):
     """``rms_norm_add_rms_norm`` (one Triton launch per row on a GPU, here the kernel directly) against
     the two ops it replaces in float64 with the same roundings; on the CPU the op is those ops."""

@@ -27,8 +27,9 @@ def _cases():
     w8 = _randn(8, seed=9)
     yield "rms_norm transposed", ops.rms_norm.default, (_transposed(1, 5, 4, 8), w8, None, 1e-6, 0, 1.0, False,
                                                         torch.float32)
-    yield "rms_norm sliced gated", ops.rms_norm.default, (_column_slice(1, 5, 16), _randn(16), _column_slice(1, 5, 16, seed=2),
-                                                          1e-6, 8, 0.0, True, torch.float32)
+    yield "rms_norm sliced gated", ops.rms_norm.default, (_column_slice(1, 5, 16), _randn(16),
+                                                          _column_slice(1, 5, 16, seed=2), 1e-6, 8, 0.0, True,
+                                                          torch.float32)
     yield "rms_norm to float64", ops.rms_norm.default, (_transposed(1, 5, 4, 8), w8, None, 1e-6, 0, 0.0, False,
                                                        torch.float64)
     yield "fused_add_rms_norm transposed", ops.fused_add_rms_norm.default, (
@@ -42,8 +43,8 @@ def _cases():
                                                     cos, sin, 2)
     yield "rope token-major slices", ops.rope.default, (_column_slice(1, 5, 4, 8), _column_slice(1, 5, 2, 8, seed=1),
                                                         pos, cos, sin, 1)
-    yield "gated_activation slices", ops.gated_activation.default, (_column_slice(1, 5, 16), _column_slice(1, 5, 16, seed=1),
-                                                                    "silu")
+    yield "gated_activation slices", ops.gated_activation.default, (_column_slice(1, 5, 16),
+                                                                    _column_slice(1, 5, 16, seed=1), "silu")
     yield "gated_activation transposed", ops.gated_activation.default, (_transposed(1, 5, 4, 8), None, "gelu_tanh")
     yield "attention transposed", ops.attention.default, (
         _transposed(1, 6, 4, 8).transpose(1, 2), _column_slice(1, 6, 2, 8, seed=1), _column_slice(1, 6, 2, 8, seed=2),

@@ -54,7 +54,8 @@ def test_triton_rms_norm(dtype, group_size, gated, weight_offset, cast_first):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_fused_add_rms_norm(dtype):
-    x, res, w = _rand(1, 6, 40, dtype=dtype, seed=7), _rand(1, 6, 40, dtype=dtype, seed=8), _rand(40, dtype=dtype, seed=9)
+    x, res = _rand(1, 6, 40, dtype=dtype, seed=7), _rand(1, 6, 40, dtype=dtype, seed=8)
+    w = _rand(40, dtype=dtype, seed=9)
     want_norm, want_sum = ops.fused_add_rms_norm(x.cpu(), res.cpu(), w.cpu(), 1e-6, 1.0, False, dtype)
     got_norm, got_sum = triton_fused_add_rms_norm(x, res, w, 1e-6, 1.0, False, dtype)
     torch.testing.assert_close(got_sum.cpu(), want_sum, atol=0, rtol=0)  # one add, same rounding

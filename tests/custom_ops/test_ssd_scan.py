@@ -68,8 +68,11 @@ def test_dt_limits_and_no_optional_inputs():
 def test_split_scan_continues_from_state():
     """Scanning a sequence in two pieces, the second from the first's final state, equals one scan."""
     t = make_inputs(s=30, seed=4)
-    args = lambda sl, init: (t["x"][:, sl], t["dt"][:, sl], t["A"], t["B"][:, sl], t["C"][:, sl], t["D"],
-                             t["dt_bias"], init, True, 0.0, float("inf"), 8)
+
+    def args(sl, init):
+        return (t["x"][:, sl], t["dt"][:, sl], t["A"], t["B"][:, sl], t["C"][:, sl], t["D"], t["dt_bias"], init, True,
+                0.0, float("inf"), 8)
+
     y_all, s_all = torch.ops.autodeploy.ssd_scan(*args(slice(0, 30), None))
     y1, s1 = torch.ops.autodeploy.ssd_scan(*args(slice(0, 13), None))
     y2, s2 = torch.ops.autodeploy.ssd_scan(*args(slice(13, 30), s1))

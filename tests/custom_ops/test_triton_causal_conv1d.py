@@ -65,7 +65,10 @@ def run_both(step, activation, atol=1e-6, rtol=1e-6, state_rtol=0.0):
 
     States and replay buffers are copies of inputs: bit-exact unless ``state_rtol`` allows rounding."""
     x, weight, bias, conv_state, replay_conv, slots, meta = step
-    clone = (lambda t: None if t is None else t.clone())
+
+    def clone(t):
+        return None if t is None else t.clone()
+
     state_t, replay_t = clone(conv_state), clone(replay_conv)
     state, replay = clone(conv_state), clone(replay_conv)
     expected = TORCH(x, weight, bias, activation, state_t, replay_t, slots, *meta)

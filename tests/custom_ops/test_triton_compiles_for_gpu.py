@@ -81,7 +81,7 @@ def recorded(monkeypatch):
     return launches
 
 
-# The GPU machine's Triton is older than ours (torch 2.11 pins triton 3.6.0; ../shared/DEVICE.md) and
+# The GPU machines' Triton is older than ours (their torch 2.11 pins triton 3.6.0) and
 # its compiler rejects code 3.9 accepts (a lane search in a static_range unrolled over an int64 load
 # failed its layout pass): the README's test command installs that version into .gpu-triton/ so
 # that every kernel is compiled by both.
@@ -171,7 +171,9 @@ def _small_ops(monkeypatch) -> None:
                                     torch.zeros(lanes, dtype=torch.bool))
     # the prepare kernels (full-attention and ring pools, a strided page table as the runner's)
     from autodeploy.custom_ops.triton_prepare_metadata import (
-        triton_prepare_attention_metadata, triton_prepare_ssm_metadata)
+        triton_prepare_attention_metadata,
+        triton_prepare_ssm_metadata,
+    )
 
     facts = [torch.tensor(v, dtype=torch.int32) for v in ([5, 1, 0], [0, 40, 0], [1, 2, 0])]
     table = torch.zeros(33, 3, dtype=torch.int32).T
@@ -231,7 +233,8 @@ def _small_ops(monkeypatch) -> None:
                                     torch.zeros(lanes + 1, dtype=torch.int32), torch.zeros(lanes + 1, dtype=torch.bool))
         in_proj = torch.randn(1, T, h * p + c + h, dtype=bf16)
         R = 3
-        caches = (torch.zeros(lanes + 2, c, 3, dtype=bf16), torch.zeros(lanes + 2, R, c, dtype=bf16) if replay else None,
+        caches = (torch.zeros(lanes + 2, c, 3, dtype=bf16),
+                  torch.zeros(lanes + 2, R, c, dtype=bf16) if replay else None,
                   torch.zeros(lanes + 2, h, p, n), *((torch.zeros(lanes + 2, R, h, p, dtype=bf16),
                                                       torch.zeros(lanes + 2, R, h, dtype=bf16),
                                                       torch.zeros(lanes + 2, R, g, n, dtype=bf16)) if replay
@@ -247,7 +250,8 @@ def _small_ops(monkeypatch) -> None:
 
     i32 = torch.int32
     meta = prepare_ssm_metadata(torch.zeros(1, 3, dtype=torch.long), torch.tensor([1, 1, 1], dtype=i32),
-                                torch.tensor([4, 0, 9], dtype=i32), torch.zeros(3, dtype=i32), torch.zeros(3, dtype=torch.bool))
+                                torch.tensor([4, 0, 9], dtype=i32), torch.zeros(3, dtype=i32),
+                                torch.zeros(3, dtype=torch.bool))
     B = torch.randn(1, 3, 8, 128, dtype=bf16)
     decode_lane_inputs(torch.randn(1, 3, 64, 64, dtype=bf16), torch.randn(1, 3, 64, dtype=bf16), B, B,
                        torch.tensor([1, 2, 3], dtype=i32), *meta)
@@ -263,11 +267,14 @@ def test_every_triton_kernel_compiles_for_sm90(recorded, triton_version, monkeyp
     _model_steps(recorded)
     _small_ops(monkeypatch)
     launched = {launch["name"] for launch in recorded.values()}
-    kernels = {fn.fn.__name__ for name, mod in list(sys.modules.items()) if name.startswith("autodeploy.custom_ops.triton_")
-               for fn in vars(mod).values() if isinstance(fn, InterpretedFunction) and fn.fn.__name__.endswith("_kernel")}
+    kernels = {fn.fn.__name__ for name, mod in list(sys.modules.items())
+               if name.startswith("autodeploy.custom_ops.triton_")
+               for fn in vars(mod).values()
+               if isinstance(fn, InterpretedFunction) and fn.fn.__name__.endswith("_kernel")}
     assert len(kernels) >= 8 and kernels <= launched, f"kernels never launched here: {sorted(kernels - launched)}"
     for launch in [v for v in recorded.values() if "PDL" in v["args"]]:  # programmatic dependent launch too
-        pdl = {**launch, "args": {**launch["args"], "PDL": ("scalar", True)}, "options": {**launch["options"], "launch_pdl": True}}
+        pdl = {**launch, "args": {**launch["args"], "PDL": ("scalar", True)},
+               "options": {**launch["options"], "launch_pdl": True}}
         recorded[json.dumps(pdl, sort_keys=True, default=str)] = pdl
     failures = _compile_for_sm90(recorded, triton_path)
     assert not failures, "\n".join(failures)

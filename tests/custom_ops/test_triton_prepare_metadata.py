@@ -11,7 +11,9 @@ pytest.importorskip("triton")
 
 from autodeploy.custom_ops import prepare_metadata as pm  # noqa: E402
 from autodeploy.custom_ops.triton_prepare_metadata import (  # noqa: E402
-    triton_prepare_attention_metadata, triton_prepare_ssm_metadata)
+    triton_prepare_attention_metadata,
+    triton_prepare_ssm_metadata,
+)
 
 i32 = torch.int32
 

@@ -5,7 +5,6 @@ import torch
 
 from autodeploy.models import build_model
 from autodeploy.models.hybrid import HybridConfig, HybridForCausalLM
-
 from helpers import hf_generate, hf_greedy_uncached, hf_logits
 
 

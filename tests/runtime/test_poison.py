@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from autodeploy import LLM, DeployConfig, SamplingParams
-from autodeploy.api import _cached_graph
 from autodeploy.fx_utils import graph_input, op_nodes
 from autodeploy.models import build_model
 from autodeploy.runtime.engine import Engine
 from autodeploy.runtime.pools import PoolSizes
 from autodeploy.runtime.runner import GraphRunner
 from autodeploy.runtime.speculative import NgramDrafter
+from autodeploy.transforms.pipeline import build_cached_graph
 
 PREPARE_SSM = torch.ops.autodeploy.prepare_ssm_metadata.default
 OPTIONS = dict(max_batch_size=2, max_seq_len=96, max_num_tokens=16, page_size=8)
@@ -80,7 +80,7 @@ def test_poison_catches_metadata_prepared_outside_the_graph():
     ps = prompts()
 
     def engine(hoisted: bool, poison: bool) -> Engine:
-        gm, _ = _cached_graph(model, cfg)
+        gm, _ = build_cached_graph(model, cfg)
         if hoisted:
             hoist_ssm_prepare(gm)
         runner = (SideCallRunner if hoisted else GraphRunner)(gm, sizes)

@@ -66,3 +66,22 @@ def test_all_transforms_off_matches_all_on():
 def test_bad_perf_transform_name():
     with pytest.raises(ValueError, match="perf_transforms"):
         LLM(build_model("llama"), perf_transforms={"fuse_everything": True}, **OPTIONS)
+
+
+def test_host_rows_equal_the_graphs_prepare_logit_rows():
+    """The engine's row rule (runtime.batch.logit_rows) and the graph's (prepare_logit_rows) are one
+    rule written twice, on the host and on the device: they pick the same rows for random lanes."""
+    from autodeploy.custom_ops.prepare_metadata import prepare_logit_rows
+    from autodeploy.runtime.batch import logit_rows
+
+    g = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        num = int(torch.randint(1, 7, (), generator=g))
+        lens = torch.randint(0, 6, (num,), generator=g).tolist()
+        verify = (torch.rand(num, generator=g) < 0.4).tolist()
+        lanes = [LaneInput([1] * n, 0, 1 + i, [1], verify=v) for i, (n, v) in enumerate(zip(lens, verify))]
+        total = max(sum(lens), 1)
+        want = logit_rows(lanes)
+        got = prepare_logit_rows(torch.zeros(1, total, dtype=torch.long), torch.tensor(lens, dtype=torch.int32),
+                                 torch.tensor(verify), 1 + max(lens))
+        assert got[:len(want)].tolist() == want, (lens, verify)

@@ -9,7 +9,6 @@ from autodeploy.models import build_model
 from autodeploy.runtime.batch import BatchInputs, LaneInput
 from autodeploy.runtime.pools import CachePools, PoolSizes
 from autodeploy.transforms import run_pipeline
-
 from helpers import ATTENTION, op_counts
 
 CACHED = torch.ops.autodeploy.torch_cached_attention.default
@@ -68,7 +67,6 @@ def test_a_window_that_never_binds_shares_the_full_pool():
     would be larger than a full-length page list (4 pages), so the layer uses the full pool and
     keeps its window argument; tokens equal transformers."""
     from autodeploy import LLM, SamplingParams
-
     from helpers import hf_greedy_uncached
 
     model = build_model("mistral")
@@ -78,3 +76,19 @@ def test_a_window_that_never_binds_shares_the_full_pool():
     prompt = list(range(3, 23))
     out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=12, ignore_eos=True))
     assert out[0].outputs[0].token_ids == hf_greedy_uncached(model, prompt, 12)
+
+
+def test_ring_pools_take_their_size_from_the_graph():
+    """A sliding-window pool holds the ring the graph's prepare node addresses (recorded on its
+    CacheSpec), whatever token budget the pools are given."""
+    from autodeploy.custom_ops.prepare_metadata import swa_ring_pages
+
+    gm = export_model(build_model("mistral"), max_seq_len=128)  # every layer has window 24
+    run_pipeline(gm, ["match_attention", "insert_cached_attention"],
+                 {"insert_cached_attention": {"page_size": 8, "max_num_tokens": 32}})
+    specs = gm.meta["autodeploy_caches"]
+    ring = swa_ring_pages(24, 32, 8)
+    assert {s.ring_pages for s in specs} == {ring}
+    assert {n.args[-1] for n in op_nodes(gm, PREPARE)} == {ring}
+    pools = CachePools(specs, PoolSizes(2, 128, 8, 16))  # another budget: the graph's ring all the same
+    assert {tuple(t.shape[:2]) for t in pools.tensors.values()} == {(3 * ring, 8)}

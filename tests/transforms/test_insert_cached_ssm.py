@@ -9,7 +9,6 @@ from autodeploy.models import build_model
 from autodeploy.runtime.batch import BatchInputs, LaneInput
 from autodeploy.runtime.pools import CachePools, PoolSizes
 from autodeploy.transforms import run_pipeline
-
 from helpers import CAUSAL_CONV1D, SSD_SCAN, op_counts
 
 SCAN = torch.ops.autodeploy.torch_cached_ssd_scan.default
@@ -101,4 +100,5 @@ def test_prepare_ssm_metadata_work_items():
         ids, torch.tensor([4, 0, 2], dtype=torch.int32), torch.tensor([9, 0, 0], dtype=torch.int32),
         torch.tensor([3, 0, 0], dtype=torch.int32), torch.tensor([True, True, False]))
     assert cu.tolist() == [0, 4, 4, 6] and has_state.tolist() == [True, False, False]
-    assert replay.tolist() == [3, 0, 0] and verify.tolist() == [True, False, False]  # a lane with no tokens verifies nothing
+    # a lane with no tokens verifies nothing
+    assert replay.tolist() == [3, 0, 0] and verify.tolist() == [True, False, False]

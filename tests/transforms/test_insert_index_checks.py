@@ -4,10 +4,8 @@ import pytest
 import torch
 
 from autodeploy import LLM, SamplingParams
-from autodeploy.models import build_model
-
 from autodeploy.fx_utils import op_kwargs
-
+from autodeploy.models import build_model
 from helpers import op_counts
 
 CHECK_ATTENTION = torch.ops.autodeploy.check_attention_metadata.default

@@ -13,7 +13,6 @@ from autodeploy.fx_utils import op_kwargs, op_nodes
 from autodeploy.models import build_model
 from autodeploy.transforms import run_pipeline
 from autodeploy.transforms.match_attention import UncacheableAttention, describe_mask
-
 from helpers import ATTENTION, LEFTOVER_ATTENTION, attention_layers, expected_windows, hf_logits, op_counts
 
 ATOL = 2e-5  # float32, reordered reductions only

@@ -8,7 +8,6 @@ import torch
 from autodeploy import export_model
 from autodeploy.models import build_model
 from autodeploy.transforms import run_pipeline
-
 from helpers import op_counts
 
 

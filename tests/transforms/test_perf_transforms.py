@@ -8,7 +8,6 @@ import torch
 from autodeploy import export_model
 from autodeploy.models import build_model, zoo_names
 from autodeploy.transforms import run_pipeline
-
 from helpers import attention_layers, op_counts
 
 aten = torch.ops.aten

@@ -1,7 +1,6 @@
 """The transform framework: registry, typed configs, ordering, dumps."""
 
 import pytest
-import torch
 
 from autodeploy import export_model
 from autodeploy.models import build_model

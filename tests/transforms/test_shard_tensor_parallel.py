@@ -17,7 +17,6 @@ from autodeploy.fx_utils import op_nodes, owning_module
 from autodeploy.models import build_model
 from autodeploy.transforms import run_pipeline
 from autodeploy.transforms.shard_tensor_parallel import ShardingError, find_regions
-
 from helpers import ATTENTION, SSD_SCAN, op_counts
 
 ALL_REDUCE = torch.ops.autodeploy.all_reduce.default
