@@ -211,9 +211,11 @@ class SnapshotPool:
         """Whether a hit needs a snapshot at its exact position (per-slot state or rings exist)."""
         return bool(self.state or self.rings)
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for _, t in self.state] + [t for _, t in self.pages] + [t for _, t, _ in self.rings]
+
     def nbytes(self) -> int:
-        tensors = [t for _, t in self.state] + [t for _, t in self.pages] + [t for _, t, _ in self.rings]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def bytes_per_snapshot(self) -> int:
         return self.nbytes() // self.capacity if self.capacity else 0
