@@ -182,6 +182,15 @@ class Engine:
             self.waiting.remove(req)
         self._finish(req, "abort")
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (keyed pages become free, snapshots are dropped); only
+        between requests: raises while any is waiting or running."""
+        if self.prefix is None:
+            return
+        if self.has_unfinished() or self._inflight is not None:
+            raise RuntimeError("reset_prefix_cache: requests are still waiting or running; finish or abort them first")
+        self.prefix.clear()
+
     def has_unfinished(self) -> bool:
         """Requests waiting or running (a running one may only await its last token from the step in
         flight; the lanes of requests that finished or were aborted meanwhile are dropped unread)."""

@@ -144,6 +144,15 @@ class PagePool(IndexAllocator):
         self.page_of[key] = page
         self.key_of[page] = key
 
+    def drop_cached(self) -> None:
+        """Forget every key; cached pages nobody holds return to the free list."""
+        for page in self.lru:
+            self._used.discard(page)
+            self._free.append(page)
+        self.lru.clear()
+        self.page_of.clear()
+        self.key_of.clear()
+
     def match(self, keys: list[bytes]) -> list[int]:
         """The cached pages of the longest run of ``keys`` from the first."""
         out = []
@@ -222,6 +231,11 @@ class SnapshotPool:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.tails.clear()
+        self._free = list(range(self.capacity - 1, -1, -1))
 
     def find(self, key: bytes, tokens_after: list[int], limit: int) -> tuple[tuple[int, ...], Snapshot] | None:
         """The snapshot after the pages keyed ``key`` whose tail is the longest prefix of
@@ -321,6 +335,12 @@ class PrefixCache:
         self.stateful = any(s.pool not in (POOL_FULL, POOL_REPLAY) for s in pools.specs)
         self.has_pages = bool(self.pages.capacity)
         self.stats = PrefixCacheStats()
+
+    def clear(self) -> None:
+        """Forget every cached prefix (no request may hold pages)."""
+        self.pages.drop_cached()
+        if self.snapshots is not None:
+            self.snapshots.clear()
 
     def lookup(self, prompt: list[int], keys: list[bytes]) -> Hit:
         """The longest prefix of ``prompt`` that can be reused, leaving at least its last token
