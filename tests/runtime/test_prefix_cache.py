@@ -173,3 +173,23 @@ def test_page_pool_reference_counts_and_lru_order():
 def test_digests_chain_the_whole_prefix():
     one, two = page_digests([1, 2, 3, 4], 2), page_digests([5, 6, 3, 4], 2)
     assert one[1] != two[1] and len(one) == 2 and page_digests([1, 2, 3], 2) == one[:1]
+
+
+def test_metrics_and_graph_summary_show_the_prefix_cache():
+    """/metrics reads the hit counters and the snapshot pool from the engine; ``autodeploy graph``'s
+    summary sizes the snapshot pool."""
+    import types
+
+    from autodeploy.graph_view import summarize
+    from autodeploy.server.metrics import ServerMetrics
+
+    llm = LLM(model("hybrid"), **OPTIONS, **CACHING, prefix_snapshots=5)
+    _, cached = tokens(llm, [[3] * 30, [3] * 30 + [4]], SamplingParams(max_tokens=2, ignore_eos=True))
+    text = ServerMetrics(types.SimpleNamespace(engine=llm.engine, alive=True)).render().decode()
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values["autodeploy_prefix_cache_hits_total"] == sum(cached) > 0
+    assert values["autodeploy_prefix_cache_queries_total"] == 61
+    assert values["autodeploy_prefix_cache_hit_rate"] == pytest.approx(sum(cached) / 61)
+    assert values["autodeploy_prefix_snapshots_used"] == len(llm.engine.pools.snapshots) > 0
+    assert "prefix_snapshots" in summarize(llm) and "5 prefix-cache snapshots" in summarize(llm)
