@@ -193,3 +193,44 @@ def test_metrics_and_graph_summary_show_the_prefix_cache():
     assert values["autodeploy_prefix_cache_hit_rate"] == pytest.approx(sum(cached) / 61)
     assert values["autodeploy_prefix_snapshots_used"] == len(llm.engine.pools.snapshots) > 0
     assert "prefix_snapshots" in summarize(llm) and "5 prefix-cache snapshots" in summarize(llm)
+
+
+def test_tensor_parallel_ranks_reuse_prefixes_exactly(tmp_path):
+    """2 CPU ranks (gloo) with prefix caching: every rank makes the same cache decisions (the
+    schedule and the keys are the same), and a second chat turn's tokens equal the unsharded
+    engine's without caching."""
+    import json
+    import subprocess
+    import sys
+
+    import tp_worker
+    from test_tensor_parallel import ROOT, _env
+
+    out = tmp_path / "ranks.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(ROOT / "tests" / "tp_worker.py"), str(out), "hybrid", "--prefix-caching"],
+        env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = json.loads(out.read_text())["hybrid/eager"]
+    reference = LLM(model("hybrid"), tensor_parallel_size=1, self_check=False, **tp_worker.ENGINE)
+    params = SamplingParams(max_tokens=tp_worker.NEW_TOKENS, ignore_eos=True)
+    first, _ = tokens(reference, tp_worker.prompts(), params)
+    second, _ = tokens(reference, [p + o + [7] for p, o in zip(tp_worker.prompts(), first)], params)
+    for rank in ranks:
+        assert rank["greedy"] == first and rank["next_turn"] == second
+        assert rank["next_turn_cached"] == [len(p) + tp_worker.NEW_TOKENS - 1 for p in tp_worker.prompts()]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["llama", "gemma3", "hybrid", "mamba2"])
+def test_cuda_graphs_with_prefix_caching_give_eager_tokens(name):
+    """Triton kernels under CUDA graphs, float32, poisoned replays: snapshot copies and restores
+    run on the stream between replays; tokens equal the eager engine without caching."""
+    gpu = dict(OPTIONS, device="cuda", dtype="float32", attn_backend="triton", ssm_backend="triton")
+    reference = LLM(model(name), **gpu, compile_mode="eager")
+    llm = LLM(model(name), **gpu, **CACHING, compile_mode="cudagraph")
+    llm.engine.runner.poison = True
+    cached, _ = chat(llm, reference, turns=3)
+    assert llm.engine.runner.num_replays > 0 and any(cached[2])
