@@ -21,7 +21,7 @@ from autodeploy import backends, defaults, distributed, gguf
 from autodeploy.export import export_model
 from autodeploy.fx_utils import move_graph_module
 from autodeploy.runtime.engine import Engine
-from autodeploy.runtime.pools import PoolSizes, full_pages_within
+from autodeploy.runtime.pools import PoolSizes, full_pages_within, snapshot_bytes
 from autodeploy.runtime.runner import COMPILE_MODES, GraphRunner, default_capture_sizes
 from autodeploy.runtime.sampling import SamplingParams
 from autodeploy.self_check import self_check
@@ -79,9 +79,10 @@ class DeployConfig:
     enable_prefix_caching: reuse the caches of earlier requests whose tokens start the prompt
     (shared system prompts, the previous turns of a chat), exactly: tokens are those without it
     (docs/prefix_caching.md). Off by default. prefix_snapshots: snapshots of per-slot state
-    (SSM/conv, sliding-window keys) and partial pages kept for hits (default 4 x max_batch_size;
-    their own pool, "prefix_snapshots" in cache_bytes()). prefix_snapshot_interval: tokens between
-    the snapshots a prefill takes on a model with per-slot state (a multiple of page_size).
+    (SSM/conv, sliding-window keys) and partial pages kept for hits (default 4 x max_batch_size,
+    at most a quarter of max_cache_bytes; their own pool, "prefix_snapshots" in cache_bytes()).
+    prefix_snapshot_interval: tokens between the snapshots a prefill takes on a model with
+    per-slot state (a multiple of page_size; default 256).
     self_check: before serving, run a short probe (two requests, chunked prefill, decode steps)
     through the engine and compare its logits with the model's own forward; a mismatch is an error
     naming the first module whose output differs (autodeploy/self_check.py).
@@ -228,6 +229,18 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache (vLLM's name)
 
 
+def _snapshot_count(cfg: DeployConfig, specs: list, sizes: PoolSizes) -> int:
+    """Prefix snapshots to keep: ``prefix_snapshots``, else 4 per lane, at most a quarter of a
+    cache budget (a sliding-window model's snapshots hold W keys per layer each)."""
+    if cfg.prefix_snapshots is not None:
+        return cfg.prefix_snapshots
+    count = 4 * cfg.max_batch_size
+    if cfg.max_cache_bytes is not None:
+        each = snapshot_bytes(specs, dataclasses.replace(sizes, num_snapshots=1))
+        count = min(count, cfg.max_cache_bytes // 4 // max(each, 1))
+    return count
+
+
 def _check_device_usable(device: str) -> None:
     """A CUDA device asked for on a machine without a usable GPU is a clear error (torch itself
     raises a bare AssertionError deep inside the first tensor move)."""
@@ -349,7 +362,7 @@ class LLM:
         self.gm, self.transform_infos = self._graph(self.model)
         sizes = PoolSizes(cfg.max_batch_size, cfg.max_seq_len, cfg.page_size, cfg.max_num_tokens, cfg.num_pages)
         if cfg.enable_prefix_caching:
-            sizes.num_snapshots = 4 * cfg.max_batch_size if cfg.prefix_snapshots is None else cfg.prefix_snapshots
+            sizes.num_snapshots = _snapshot_count(cfg, self.gm.meta.get("autodeploy_caches", []), sizes)
         if cfg.max_cache_bytes is not None:
             sizes.num_full_pages = full_pages_within(cfg.max_cache_bytes, self.gm.meta.get("autodeploy_caches", []), sizes)
         vocab = _vocab_size(self.model, self.gm)

@@ -234,3 +234,13 @@ def test_cuda_graphs_with_prefix_caching_give_eager_tokens(name):
     llm.engine.runner.poison = True
     cached, _ = chat(llm, reference, turns=3)
     assert llm.engine.runner.num_replays > 0 and any(cached[2])
+
+
+def test_default_snapshot_pool_takes_at_most_a_quarter_of_a_cache_budget():
+    import dataclasses
+
+    specs = plain("hybrid").gm.meta["autodeploy_caches"]
+    each = snapshot_bytes(specs, dataclasses.replace(plain("hybrid").engine.sizes, num_snapshots=1))
+    llm = LLM(model("hybrid"), **OPTIONS, enable_prefix_caching=True, max_cache_bytes=20 * each)
+    assert llm.engine.sizes.num_snapshots == 5 and llm.cache_bytes()[POOL_SNAPSHOTS] == 5 * each
+    assert sum(llm.cache_bytes().values()) <= 20 * each
