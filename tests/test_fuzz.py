@@ -161,6 +161,7 @@ def caching_engine(num_pages: int, num_snapshots: int):
 shared_request = st.fixed_dictionaries({
     "parent": st.one_of(st.none(), st.integers(0, 7)),  # continue an earlier request of the schedule
     "whole": st.booleans(),  # its whole sequence (prompt + answer: a next chat turn) or its prompt
+    "after": st.booleans(),  # submitted only once that request has finished (a chat's next turn)
     "cut": st.integers(0, 100),  # tokens of it kept (at most all)
     "extra": st.integers(1, 30),  # new tokens after them
     "seed": st.integers(0, 10_000),
@@ -195,6 +196,8 @@ def test_random_schedules_with_shared_prefixes_match_each_request_alone(requests
             parent = r["parent"] % i if r["parent"] is not None and i else None
             if parent is not None and parent not in started:
                 continue  # waits for the request it continues to be submitted
+            if parent is not None and r["after"] and parent in ids and not eng.requests[ids[parent]].finished:
+                continue
             g = random.Random(r["seed"])
             base = []
             if parent is not None and parent in prompts:

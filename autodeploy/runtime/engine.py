@@ -43,7 +43,12 @@ from torch.fx import GraphModule
 
 from autodeploy.runtime.batch import DeviceTokens, LaneInput, logit_row_count
 from autodeploy.runtime.pools import PoolSizes
-from autodeploy.runtime.prefix_cache import DEFAULT_SNAPSHOT_INTERVAL, Hit, PrefixCache, page_digests
+from autodeploy.runtime.prefix_cache import (
+    DEFAULT_SNAPSHOT_INTERVAL,
+    Hit,
+    PrefixCache,
+    page_digests,
+)
 from autodeploy.runtime.runner import GraphRunner
 from autodeploy.runtime.sampling import SamplingParams, sample_rows
 from autodeploy.runtime.speculative import Draft, Drafter, SpecDecodingStats, accept

@@ -101,6 +101,12 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return math.prod(shape) * dtype.itemsize
 
 
+def ring_pages_kept(window: int, ring_pages: int, page_size: int) -> int:
+    """Ring pages a prefix snapshot keeps: those of the W - 1 keys before its position, from the
+    page of the first one (one page more keeps the bound simple), at most the whole ring."""
+    return min(ring_pages, -(-(window - 1) // page_size) + 2)
+
+
 def snapshot_bytes(specs: list[CacheSpec], sizes: PoolSizes) -> int:
     """Bytes of the prefix-snapshot pool: per snapshot, one slot's state, the pages of the last
     W keys of each ring and one full-attention page (runtime/prefix_cache.py's SnapshotPool)."""
@@ -114,8 +120,7 @@ def snapshot_bytes(specs: list[CacheSpec], sizes: PoolSizes) -> int:
             per += _nbytes((sizes.page_size, *s.shape), s.dtype)
         else:
             ring = swa_ring_pages(s.window, sizes.max_num_tokens, sizes.page_size)
-            keep = min(ring, -(-(s.window - 1) // sizes.page_size) + 2)
-            per += _nbytes((keep, sizes.page_size, *s.shape), s.dtype)
+            per += _nbytes((ring_pages_kept(s.window, ring, sizes.page_size), sizes.page_size, *s.shape), s.dtype)
     return per * sizes.num_snapshots
 
 
@@ -147,9 +152,10 @@ class CachePools:
 
     def __init__(self, specs: list[CacheSpec], sizes: PoolSizes, device: torch.device | str = "cpu"):
         self.specs, self.sizes = specs, sizes
-        self.slots = IndexAllocator(sizes.max_batch_size, "sequence slots")
-        from autodeploy.runtime.prefix_cache import PagePool, SnapshotPool  # it builds on IndexAllocator
+        # prefix_cache builds on IndexAllocator: imported here, not at the top
+        from autodeploy.runtime.prefix_cache import PagePool, SnapshotPool
 
+        self.slots = IndexAllocator(sizes.max_batch_size, "sequence slots")
         self.pages = PagePool(sizes.num_full_pages)
         self.tensors = {
             spec.name: torch.zeros(cache_shape(spec, sizes), dtype=spec.dtype, device=device) for spec in specs

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from autodeploy.cache_spec import POOL_FULL, POOL_REPLAY, CacheSpec
-from autodeploy.runtime.pools import IndexAllocator, PoolExhausted
+from autodeploy.runtime.pools import IndexAllocator, PoolExhausted, ring_pages_kept
 
 ROOT = b""  # the digest of the empty prefix
 DEFAULT_SNAPSHOT_INTERVAL = 256  # tokens between prefill snapshots of a model with per-slot state
@@ -196,7 +196,7 @@ class SnapshotPool:
     def __init__(self, specs: list[CacheSpec], tensors: dict[str, torch.Tensor], num_slots: int, page_size: int,
                  capacity: int, device):
         self.capacity, self.page_size = capacity, page_size
-        self.state, self.rings, self.pages = [], [], []  # (source tensor, snapshot tensor[, pages kept])
+        self.state, self.rings, self.pages = [], [], []  # (source, snapshot[, the ring's window])
         for spec in specs:
             src = tensors[spec.name]
             if spec.pool == POOL_REPLAY:
@@ -207,7 +207,7 @@ class SnapshotPool:
                 self.pages.append((src, torch.zeros((capacity, *src.shape[1:]), dtype=src.dtype, device=device)))
             else:  # a sliding-window (or chunked) ring of R pages per slot: keep the pages of the last W keys
                 ring = src.unflatten(0, (num_slots, -1))
-                keep = min(ring.shape[1], -(-(spec.window - 1) // page_size) + 2)
+                keep = ring_pages_kept(spec.window, ring.shape[1], page_size)
                 self.rings.append((ring, torch.zeros((capacity, keep, *src.shape[1:]), dtype=src.dtype, device=device),
                                    spec.window))
         self.entries: OrderedDict[tuple[bytes, tuple[int, ...]], Snapshot] = OrderedDict()  # oldest first
@@ -215,19 +215,11 @@ class SnapshotPool:
         self._free = list(range(capacity - 1, -1, -1))
         self.num_taken = self.num_evicted = 0
 
-    @property
-    def stateful(self) -> bool:
-        """Whether a hit needs a snapshot at its exact position (per-slot state or rings exist)."""
-        return bool(self.state or self.rings)
-
     def tensors(self) -> list[torch.Tensor]:
         return [t for _, t in self.state] + [t for _, t in self.pages] + [t for _, t, _ in self.rings]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
-
-    def bytes_per_snapshot(self) -> int:
-        return self.nbytes() // self.capacity if self.capacity else 0
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -381,9 +373,7 @@ class PrefixCache:
             return
         known = min(req.num_cached, len(req.prompt) + len(req.output))
         full = min(known // self.page_size, len(req.pages))
-        if full > len(req.keys):
-            req.keys += page_digests(req.tokens, self.page_size, req.keys[-1] if req.keys else ROOT,
-                                     len(req.keys), full - len(req.keys))
+        self._ensure_keys(req, full)
         for i in range(req.num_keyed, full):
             self.pages.register(req.pages[i], req.keys[i])
         req.num_keyed = max(req.num_keyed, full)
@@ -403,6 +393,7 @@ class PrefixCache:
         return None
 
     def _ensure_keys(self, req, num_pages: int) -> None:
+        """Extend ``req.keys`` to its first ``num_pages`` pages (whose tokens the host knows)."""
         if num_pages > len(req.keys):
             req.keys += page_digests(req.tokens, self.page_size, req.keys[-1] if req.keys else ROOT,
                                      len(req.keys), num_pages - len(req.keys))

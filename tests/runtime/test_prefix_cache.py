@@ -244,3 +244,17 @@ def test_default_snapshot_pool_takes_at_most_a_quarter_of_a_cache_budget():
     llm = LLM(model("hybrid"), **OPTIONS, enable_prefix_caching=True, max_cache_bytes=20 * each)
     assert llm.engine.sizes.num_snapshots == 5 and llm.cache_bytes()[POOL_SNAPSHOTS] == 5 * each
     assert sum(llm.cache_bytes().values()) <= 20 * each
+
+
+def test_seeded_sampling_with_prefix_caching_gives_the_same_tokens():
+    """The device sampler keys its random numbers by seed and token index, not by the step: a
+    request that skips its cached prefix draws the same tokens."""
+    llm = LLM(model("hybrid"), **OPTIONS, **CACHING)
+    g = random.Random(9)
+    shared = [g.randrange(256) for _ in range(34)]
+    prompts = [shared + [1, 2], shared + [3]]
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=123, ignore_eos=True)
+    want, _ = tokens(plain("hybrid"), prompts, params)
+    tokens(llm, [shared + [5]], params)
+    got, cached = tokens(llm, prompts, params)
+    assert got == want and cached == [32, 32]
