@@ -192,7 +192,7 @@ class Engine:
         between requests: raises while any is waiting or running."""
         if self.prefix is None:
             return
-        if self.has_unfinished() or self._inflight is not None:
+        if self.has_unfinished():  # a step still in flight only writes pages stream-ordered before any reuse
             raise RuntimeError("reset_prefix_cache: requests are still waiting or running; finish or abort them first")
         self.prefix.clear()
 

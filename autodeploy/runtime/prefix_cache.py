@@ -173,7 +173,7 @@ class PagePool(IndexAllocator):
             counts[page] = counts.get(page, 0) + 1
         problems = []
         if counts != self.refs:
-            problems.append("pages held by running requests differ from the pages' reference counts")
+            problems.append("pages of running requests differ from the pages' reference counts (leaked or held twice)")
         if set(self.lru) & set(self.refs) or not set(self.lru) <= set(self.key_of):
             problems.append("the LRU list holds referenced or unkeyed pages")
         if set(self._used) != set(self.refs) | set(self.lru) or set(self._free) & set(self._used):
