@@ -21,7 +21,7 @@ import torch.nn as nn
 from autodeploy import defaults, distributed, gguf
 from autodeploy.fx_utils import move_graph_module
 from autodeploy.runtime.engine import Engine
-from autodeploy.runtime.pools import PoolSizes, full_pages_within
+from autodeploy.runtime.pools import PoolSizes, full_pages_within, snapshot_bytes
 from autodeploy.runtime.runner import COMPILE_MODES, GraphRunner, default_capture_sizes
 from autodeploy.runtime.sampling import SamplingParams
 from autodeploy.runtime.speculative import Drafter, DraftModelDrafter, NgramDrafter, SpecDecodingStats
@@ -76,6 +76,13 @@ class DeployConfig:
     the linear layer it feeds as one op), "fuse_norm_add_norm" (a norm, the residual add and the
     next norm as one op), "fuse_norm_rope" (per-head q/k norms and RoPE as one op),
     e.g. {"fuse_projections": False}.
+    enable_prefix_caching: reuse the caches of earlier requests whose tokens start the prompt
+    (shared system prompts, the previous turns of a chat), exactly: tokens are those without it
+    (docs/prefix_caching.md). Off by default. prefix_snapshots: snapshots of per-slot state
+    (SSM/conv, sliding-window keys) and partial pages kept for hits (default 4 x max_batch_size,
+    at most a quarter of max_cache_bytes; their own pool, "prefix_snapshots" in cache_bytes()).
+    prefix_snapshot_interval: tokens between the snapshots a prefill takes on a model with
+    per-slot state (a multiple of page_size; default 256).
     self_check: before serving, run a short probe (two requests, chunked prefill, decode steps)
     through the engine and compare its logits with the model's own forward; a mismatch is an error
     naming the first module whose output differs (autodeploy/self_check.py).
@@ -99,18 +106,28 @@ class DeployConfig:
     tensor_parallel_size: int = field(default_factory=distributed.launched_world_size)
     perf_transforms: dict[str, bool] | None = None
     self_check: bool = True
+    enable_prefix_caching: bool = False
+    prefix_snapshots: int | None = None
+    prefix_snapshot_interval: int | None = None
 
     def __post_init__(self):
         for name in ("page_size", "tensor_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"DeployConfig.{name} must be a positive int, got {value!r}")
-        for name in ("num_pages", "max_cache_bytes", "max_batch_size", "max_seq_len", "max_num_tokens"):
+        for name in ("num_pages", "max_cache_bytes", "max_batch_size", "max_seq_len", "max_num_tokens",
+                     "prefix_snapshot_interval"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"DeployConfig.{name} must be a positive int, got {value!r}")
         if self.num_pages is not None and self.max_cache_bytes is not None:
             raise ValueError("give DeployConfig.num_pages or max_cache_bytes, not both")
+        if self.prefix_snapshots is not None and (not isinstance(self.prefix_snapshots, int)
+                                                  or self.prefix_snapshots < 0):
+            raise ValueError(f"DeployConfig.prefix_snapshots must be an int >= 0, got {self.prefix_snapshots!r}")
+        if self.prefix_snapshot_interval is not None and self.prefix_snapshot_interval % self.page_size:
+            raise ValueError(f"DeployConfig.prefix_snapshot_interval ({self.prefix_snapshot_interval}) must be a "
+                             f"multiple of page_size ({self.page_size})")
         if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("DeployConfig.gpu_memory_utilization must be in (0, 1], "
                              f"got {self.gpu_memory_utilization!r}")
@@ -211,6 +228,19 @@ class RequestOutput:
     finished: bool = True
     prompt_index: int = 0
     spec_stats: SpecDecodingStats | None = None  # with speculative decoding: drafts proposed/accepted
+    num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache (vLLM's name)
+
+
+def _snapshot_count(cfg: DeployConfig, specs: list, sizes: PoolSizes) -> int:
+    """Prefix snapshots to keep: ``prefix_snapshots``, else 4 per lane, at most a quarter of a
+    cache budget (a sliding-window model's snapshots hold W keys per layer each)."""
+    if cfg.prefix_snapshots is not None:
+        return cfg.prefix_snapshots
+    count = 4 * cfg.max_batch_size
+    if cfg.max_cache_bytes is not None:
+        each = snapshot_bytes(specs, dataclasses.replace(sizes, num_snapshots=1))
+        count = min(count, cfg.max_cache_bytes // 4 // max(each, 1))
+    return count
 
 
 def _check_device_usable(device: str) -> None:
@@ -304,13 +334,16 @@ class LLM:
         start = time.perf_counter()
         self.gm, self.transform_infos = self._graph(self.model)
         sizes = PoolSizes(cfg.max_batch_size, cfg.max_seq_len, cfg.page_size, cfg.max_num_tokens, cfg.num_pages)
+        if cfg.enable_prefix_caching:
+            sizes.num_snapshots = _snapshot_count(cfg, self.gm.meta.get("autodeploy_caches", []), sizes)
         if cfg.max_cache_bytes is not None:
             specs = self.gm.meta.get("autodeploy_caches", [])
             sizes.num_full_pages = full_pages_within(cfg.max_cache_bytes, specs, sizes)
         vocab = _vocab_size(self.model, self.gm)
         self.drafter = self._drafter(sizes, vocab, dtype)
         self.engine = Engine(self._runner(self.gm, sizes), sizes, vocab, _eos_token_ids(self.model), cfg.device,
-                             self.drafter)
+                             self.drafter, prefix_caching=cfg.enable_prefix_caching,
+                             snapshot_interval=cfg.prefix_snapshot_interval)
         self.engine.checked = cfg.checked
         if cfg.self_check:
             self._self_check(dtype)
@@ -355,7 +388,7 @@ class LLM:
         if _vocab_size(draft, gm) != vocab:
             raise ValueError(f"the draft model's vocabulary ({_vocab_size(draft, gm)}) differs from the target's "
                              f"({vocab})")
-        return DraftModelDrafter(self._runner(gm, dataclasses.replace(sizes)), k)
+        return DraftModelDrafter(self._runner(gm, dataclasses.replace(sizes, num_snapshots=0)), k)
 
     def _runner(self, gm, sizes: PoolSizes) -> GraphRunner:
         cfg = self.config
@@ -480,4 +513,5 @@ class LLM:
         spec = dataclasses.replace(req.spec) if self.drafter is not None else None
         completion = CompletionOutput(0, list(text.token_ids), text.text[:text.released] if self.tokenizer else None,
                                       reason)
-        return RequestOutput(req.request_id, list(req.prompt), [completion], reason is not None, index, spec)
+        return RequestOutput(req.request_id, list(req.prompt), [completion], reason is not None, index, spec,
+                             req.num_cached_tokens)

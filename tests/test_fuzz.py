@@ -5,6 +5,14 @@ lanes and fewer pages than requests need, with checked mode on.
 Oracle: every request's tokens equal running it alone without speculation (an aborted one: a
 prefix of them); pools are empty at the end; checked mode never fires. The CI profile runs 25
 seeded examples; ``AUTODEPLOY_FUZZ=long`` runs 400.
+
+With prefix caching, schedules also share prefixes: a request's prompt continues a cut of an
+earlier request's whole sequence (prompt + answer: the next turn of a chat) or of its prompt (a
+shared system prompt), under page and snapshot pool pressure, with aborts and drafts; the oracle
+is the same (each request alone, without caching). The CI profile runs 20 seeded examples; the
+long run (docs/prefix_caching.md) sets ``AUTODEPLOY_FUZZ_EXAMPLES=N`` with a hypothesis seed:
+
+    AUTODEPLOY_FUZZ_EXAMPLES=10000 python -m pytest -q tests/test_fuzz.py -k prefix --hypothesis-seed=1
 """
 
 import functools
@@ -24,6 +32,11 @@ settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True
 settings.register_profile("long", max_examples=400, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 PROFILE = "long" if os.environ.get("AUTODEPLOY_FUZZ") == "long" else "ci"
+EXAMPLES = os.environ.get("AUTODEPLOY_FUZZ_EXAMPLES")
+if EXAMPLES:  # a run of that many fuzzed schedules (random, reproducible with --hypothesis-seed)
+    settings.register_profile("count", max_examples=int(EXAMPLES), deadline=None, derandomize=False,
+                              suppress_health_check=list(HealthCheck))
+PREFIX_PROFILE = "count" if EXAMPLES else PROFILE
 OPTIONS = dict(max_batch_size=3, max_seq_len=112, max_num_tokens=16, page_size=8)
 K = 3
 
@@ -133,5 +146,92 @@ def test_random_schedules_match_each_request_alone(requests, num_pages, drafter_
             assert req.output == expected[i], (requests[i], req.finish_reason)
             assert req.finish_reason == ("stop" if requests[i]["stop_at"] is not None
                                          and requests[i]["stop_at"] < requests[i]["max_tokens"] else "length")
+    eng.pools.assert_empty()
+    eng.check_accounting()
+
+
+@functools.cache
+def caching_engine(num_pages: int, num_snapshots: int):
+    llm = LLM(model(), **OPTIONS, num_pages=num_pages, checked=True, enable_prefix_caching=True,
+              prefix_snapshots=num_snapshots, prefix_snapshot_interval=16, self_check=False,
+              speculative_config={"method": "ngram", "num_speculative_tokens": K})
+    return llm.engine
+
+
+shared_request = st.fixed_dictionaries({
+    "parent": st.one_of(st.none(), st.integers(0, 7)),  # continue an earlier request of the schedule
+    "whole": st.booleans(),  # its whole sequence (prompt + answer: a next chat turn) or its prompt
+    "after": st.booleans(),  # submitted only once that request has finished (a chat's next turn)
+    "cut": st.integers(0, 100),  # tokens of it kept (at most all)
+    "extra": st.integers(1, 30),  # new tokens after them
+    "seed": st.integers(0, 10_000),
+    "max_tokens": st.integers(1, 24),
+    "arrival": st.integers(0, 12),
+    "abort": st.one_of(st.none(), st.integers(0, 20)),
+    "stop_at": st.one_of(st.none(), st.integers(0, 23)),
+    "drafts": st.booleans(),  # with a drafter: verify steps (the truth drafter) or plain decodes
+})
+
+
+@settings(settings(settings.get_profile("ci"), max_examples=8) if PREFIX_PROFILE == "ci"
+          else settings.get_profile(PREFIX_PROFILE))
+@given(requests=st.lists(shared_request, min_size=1, max_size=8), num_pages=st.sampled_from([16, 24, 60]),
+       num_snapshots=st.sampled_from([1, 3, 12]), drafter_seed=st.integers(0, 2**16), overlap=st.booleans())
+def test_random_schedules_with_shared_prefixes_match_each_request_alone(requests, num_pages, num_snapshots,
+                                                                        drafter_seed, overlap):
+    """Prefix caching under random schedules: continuations of earlier requests (finished,
+    running or aborted), evictions of pages and snapshots, aborts, stops, drafts (synchronous
+    steps) or async scheduling (``overlap``: no drafter, tokens read back one step late); every
+    request's tokens equal running it alone without caching."""
+    eng = caching_engine(num_pages, num_snapshots)
+    for rid in list(eng.requests):  # what a failed example left behind, so that it fails alone
+        eng.abort(rid)
+    eng.requests.clear()
+    eng.step()  # reads back a step still in flight
+    eng.reset_prefix_cache()
+    truth = TruthDrafter(random.Random(drafter_seed))
+    expected, ids, started, prompts = {}, {}, set(), {}
+    step = 0
+    limit = OPTIONS["max_seq_len"]
+    while len(started) < len(requests) or eng.has_unfinished():
+        for i, r in enumerate(requests):
+            if i in started or r["arrival"] > step:
+                continue
+            parent = r["parent"] % i if r["parent"] is not None and i else None
+            if parent is not None and parent not in started:
+                continue  # waits for the request it continues to be submitted
+            if parent is not None and r["after"] and parent in ids and not eng.requests[ids[parent]].finished:
+                continue
+            g = random.Random(r["seed"])
+            base = []
+            if parent is not None and parent in prompts:
+                base = list(prompts[parent]) + (list(expected[parent]) if r["whole"] else [])
+                base = base[:r["cut"]]
+            prompt = tuple((base + [g.randrange(256) for _ in range(r["extra"])])[:limit - r["max_tokens"]])
+            full = alone(prompt, r["max_tokens"])
+            stop = [full[r["stop_at"]]] if r["stop_at"] is not None and r["stop_at"] < len(full) else []
+            params = SamplingParams(max_tokens=r["max_tokens"], ignore_eos=True, stop_token_ids=stop)
+            started.add(i)
+            if -(-(len(prompt) + r["max_tokens"]) // OPTIONS["page_size"]) > num_pages:
+                with pytest.raises(ValueError, match="KV pages"):
+                    eng.add_request(list(prompt), params)
+                continue
+            rid = eng.add_request(list(prompt), params)
+            truth.truth[rid] = prompt + full if r["drafts"] else prompt  # no truth: no drafts
+            ids[i], prompts[i] = rid, prompt
+            expected[i] = list(full[:full.index(stop[0]) + 1]) if stop else list(full)
+        eng.drafter = None if overlap else truth
+        for i, r in enumerate(requests):
+            if i in ids and r["abort"] == step:
+                eng.abort(ids[i])
+        eng.step()
+        step += 1
+        assert step < 800, "no progress"
+    for i, rid in ids.items():
+        req = eng.requests.pop(rid)
+        if req.finish_reason == "abort":
+            assert req.output == expected[i][:len(req.output)]
+        else:
+            assert req.output == expected[i], (requests[i], req.finish_reason, req.num_cached_tokens)
     eng.pools.assert_empty()
     eng.check_accounting()

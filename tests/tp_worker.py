@@ -23,12 +23,14 @@ def prompts() -> list[list[int]]:
     return [torch.randint(0, 256, (n,), generator=g).tolist() for n in PROMPT_LENS]
 
 
-def main(out_path: str, names: list[str], device: str = "cpu", modes: tuple[str, ...] = ("eager",)) -> None:
+def main(out_path: str, names: list[str], device: str = "cpu", modes: tuple[str, ...] = ("eager",),
+         prefix_caching: bool = False) -> None:
     torch.set_num_threads(1)
     report = {}
     for name, mode in [(n, m) for n in names for m in modes]:
         # tensor_parallel_size: torchrun's WORLD_SIZE
-        llm = LLM(build_model(name), device=device, compile_mode=mode, **ENGINE)
+        caching = dict(enable_prefix_caching=True, prefix_snapshot_interval=16) if prefix_caching else {}
+        llm = LLM(build_model(name), device=device, compile_mode=mode, **ENGINE, **caching)
         requests = [{"prompt_token_ids": p} for p in prompts()]
         greedy = llm.generate(requests, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
         sampled = llm.generate(requests, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True, temperature=1.0))
@@ -40,6 +42,11 @@ def main(out_path: str, names: list[str], device: str = "cpu", modes: tuple[str,
             "all_reduces": shard.details.get("all_reduces", 0),
             "tensor_parallel_size": llm.config.tensor_parallel_size,
         }
+        if prefix_caching:  # a second chat turn: each prompt + its answer + one token
+            turn = [{"prompt_token_ids": p + o + [7]} for p, o in zip(prompts(), mine["greedy"])]
+            outs = llm.generate(turn, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
+            mine["next_turn"] = [o.outputs[0].token_ids for o in outs]
+            mine["next_turn_cached"] = [o.num_cached_tokens for o in outs]
         report[f"{name}/{mode}"] = distributed.all_gather_object(mine)
     if distributed.rank() == 0:
         with open(out_path, "w") as f:
@@ -52,5 +59,6 @@ if __name__ == "__main__":
     parser.add_argument("models", nargs="+")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile-modes", default="eager")
+    parser.add_argument("--prefix-caching", action="store_true")
     args = parser.parse_args()
-    main(args.out, args.models, args.device, tuple(args.compile_modes.split(",")))
+    main(args.out, args.models, args.device, tuple(args.compile_modes.split(",")), args.prefix_caching)

@@ -85,6 +85,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                     help=f"switch a performance transform off (repeatable): {', '.join(PERF_TRANSFORMS)}")
     eg.add_argument("--speculative", type=speculative, metavar="SPEC",
                     help="speculative decoding: ngram:K (prompt lookup) or draft:MODEL:K (a draft model)")
+    eg.add_argument("--enable-prefix-caching", action="store_true", default=None,
+                    help="reuse the caches of earlier requests' common prefixes, exactly (docs/prefix_caching.md)")
 
     parser = argparse.ArgumentParser(
         prog="autodeploy", parents=[common], formatter_class=raw,
@@ -190,7 +192,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 def engine_config(args: argparse.Namespace) -> dict[str, Any]:
     """The LLM options given on the command line (the rest keep DeployConfig's defaults)."""
     names = ("max_batch_size", "max_seq_len", "max_num_tokens", "page_size", "device", "dtype", "attn_backend",
-             "ssm_backend", "compile_mode")
+             "ssm_backend", "compile_mode", "enable_prefix_caching")
     config = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if getattr(args, "tp", None) is not None:
         config["tensor_parallel_size"] = args.tp

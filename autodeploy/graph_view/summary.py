@@ -94,6 +94,14 @@ def summarize(gm_or_llm: Any, infos: Sequence[Any] | None = None, sizes: Any = N
                 for (shape, dtype, nb), names in groups.items())
             total = f"{_fmt_bytes(totals[pool]):>10}" if pool in totals else ""
             lines.append(f"  {pool:<10} {total}  {desc}")
+        if sizes is not None and getattr(sizes, "num_snapshots", 0):
+            from autodeploy.runtime.pools import POOL_SNAPSHOTS, snapshot_bytes
+
+            nbytes = snapshot_bytes(gm.meta.get("autodeploy_caches", []), sizes)
+            totals = {**totals, POOL_SNAPSHOTS: nbytes}
+            lines.append(f"  {POOL_SNAPSHOTS:<10} {_fmt_bytes(nbytes):>10}  {sizes.num_snapshots} prefix-cache "
+                         f"snapshots ({_fmt_bytes(nbytes // sizes.num_snapshots)} each: per-slot state, window keys, "
+                         "one page)")
         if totals:
             lines.append(f"  total      {_fmt_bytes(sum(totals.values())):>10}")
     if view.backends:

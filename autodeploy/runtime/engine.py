@@ -19,6 +19,14 @@ step after it was sampled, and the lane that step already launched for the reque
 Nothing a finished request's lane writes can reach another request: its slot and pages are
 reused only by steps that run after it on the same stream. With a drafter, steps are synchronous
 (the drafter reads the latest tokens).
+
+Prefix caching (``prefix_caching=True``, runtime/prefix_cache.py): admission looks up the longest
+cached prefix of the prompt, shares its full-attention pages, copies its snapshot (per-slot state,
+window keys, the partial page) into the request's slot and pages, and starts the request with
+that many tokens cached; nothing else changes, the graph sees a cached length and a page table.
+After every step the pages whose tokens are committed get their content keys; for a model with
+per-slot state a prefill chunk ends at each snapshot boundary without a snapshot, which is taken
+after the step; a finishing request leaves a snapshot of its exact end.
 """
 
 from __future__ import annotations
@@ -35,6 +43,12 @@ from torch.fx import GraphModule
 
 from autodeploy.runtime.batch import DeviceTokens, LaneInput, logit_row_count
 from autodeploy.runtime.pools import PoolSizes
+from autodeploy.runtime.prefix_cache import (
+    DEFAULT_SNAPSHOT_INTERVAL,
+    Hit,
+    PrefixCache,
+    page_digests,
+)
 from autodeploy.runtime.runner import GraphRunner
 from autodeploy.runtime.sampling import SamplingParams, sample_rows
 from autodeploy.runtime.speculative import Draft, Drafter, SpecDecodingStats, accept
@@ -58,6 +72,9 @@ class Request:
     pending: int = 0  # tokens chosen on the device by the step in flight, not yet in ``output``
     pending_row: int = 0  # where that step's chosen tokens hold it
     spec: SpecDecodingStats = field(default_factory=SpecDecodingStats)
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
+    keys: list[bytes] = field(default_factory=list)  # content keys of the sequence's full pages (prefix caching)
+    num_keyed: int = 0  # pages of ``pages`` keyed in the page pool
 
     @property
     def tokens(self) -> list[int]:
@@ -101,10 +118,13 @@ class Engine:
 
     def __init__(self, gm: GraphModule | GraphRunner, sizes: PoolSizes, vocab_size: int,
                  eos_token_ids: Iterable[int] = (), device: torch.device | str = "cpu", drafter: Drafter | None = None,
-                 async_scheduling: bool = True):
+                 async_scheduling: bool = True, prefix_caching: bool = False, snapshot_interval: int | None = None):
         """``gm``: the cached graph (run eagerly) or a GraphRunner built with a compile mode.
         ``async_scheduling``: feed each step's chosen tokens to the next step on the device and read
-        them back one step late (see the module docstring); off: every step waits for its tokens."""
+        them back one step late (see the module docstring); off: every step waits for its tokens.
+        ``prefix_caching``: reuse cached prefixes (snapshots need ``sizes.num_snapshots`` > 0);
+        ``snapshot_interval``: tokens between prefill snapshots of a model with per-slot state
+        (default: DEFAULT_SNAPSHOT_INTERVAL rounded to pages)."""
         self.runner = gm if isinstance(gm, GraphRunner) else GraphRunner(gm, sizes, device)
         self.gm, self.sizes, self.vocab_size = self.runner.gm, sizes, vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -112,6 +132,12 @@ class Engine:
         self.checked = False  # checked mode: verify pool accounting after every step
         self.drafter = drafter
         self.async_scheduling = async_scheduling
+        self.prefix: PrefixCache | None = None
+        if prefix_caching:
+            page = sizes.page_size
+            interval = snapshot_interval or max(page, DEFAULT_SNAPSHOT_INTERVAL // page * page)
+            self.prefix = PrefixCache(self.pools, page, interval)
+        self._snapshot_after: list[tuple[Request, int]] = []  # prefill lanes of this step ending at a boundary
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[int, Request] = {}
@@ -161,6 +187,15 @@ class Engine:
             self.waiting.remove(req)
         self._finish(req, "abort")
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (keyed pages become free, snapshots are dropped); only
+        between requests: raises while any is waiting or running."""
+        if self.prefix is None:
+            return
+        if self.has_unfinished():  # a step still in flight only writes pages stream-ordered before any reuse
+            raise RuntimeError("reset_prefix_cache: requests are still waiting or running; finish or abort them first")
+        self.prefix.clear()
+
     def has_unfinished(self) -> bool:
         """Requests waiting or running (a running one may only await its last token from the step in
         flight; the lanes of requests that finished or were aborted meanwhile are dropped unread)."""
@@ -175,6 +210,14 @@ class Engine:
         if self.drafter is not None:
             self.drafter.release(req)
         if req in self.running:
+            if self.prefix is not None:
+                self.prefix.register(req)
+                # the slot holds the state after num_cached - accepted tokens (a verify step's
+                # accepted tokens are replayed by the next step); a token still on the device
+                # when the request was aborted is not known: then there is no exact end to keep
+                end = req.num_cached - req.accepted
+                if end <= len(req.prompt) + len(req.output):
+                    self.prefix.snapshot(req, end)
             # a step in flight may still write this slot and these pages: any later owner's steps
             # run after it on the same stream
             self.running.remove(req)
@@ -195,10 +238,12 @@ class Engine:
                 decodes.append(r)
             elif pending > 1:
                 prefills.append(r)
+        self._snapshot_after = []
         for req in decodes + prefills:
             n = min(req.num_tokens - req.num_cached, budget)
             if n == 0 or len(lanes) == self.sizes.max_batch_size:
                 break
+            n = self._to_boundary(req, n)
             lanes.append((req, n))
             budget -= n
         if self.drafter is not None:  # leftover budget goes to drafts, never past max_tokens
@@ -210,16 +255,38 @@ class Engine:
         while self.waiting and budget > 0 and len(lanes) < self.sizes.max_batch_size and self.pools.slots.num_free:
             req = self.waiting[0]
             need = self._pages_for(len(req.prompt) + req.params.max_tokens)
-            if need > self.pools.pages.num_free:
+            hit = Hit(0, [])
+            if self.prefix is not None:
+                if not req.keys:
+                    req.keys = page_digests(req.prompt, self.sizes.page_size)
+                hit = self.prefix.lookup(req.prompt, req.keys)
+            if need - len(hit.pages) > self.pools.pages.num_free_after_sharing(hit.pages):
                 break  # waits until running requests free their pages
             self.waiting.popleft()
             req.slot = self.pools.slots.allocate()[0]
-            req.pages = self.pools.pages.allocate(need) if need else []
+            self.pools.pages.share(hit.pages)
+            req.pages = hit.pages + (self.pools.pages.allocate(need - len(hit.pages)) if need > len(hit.pages) else [])
+            if self.prefix is not None:
+                self.prefix.admit(hit, req.slot, req.pages)
+                self.prefix.count(len(req.prompt), hit)
+                req.num_cached = req.num_cached_tokens = hit.position
+                req.num_keyed = len(hit.pages)
             self.running.append(req)
-            n = min(len(req.prompt), budget)
+            n = self._to_boundary(req, min(len(req.prompt) - req.num_cached, budget))
             lanes.append((req, n))
             budget -= n
         return lanes, room
+
+    def _to_boundary(self, req: Request, n: int) -> int:
+        """``n`` new tokens for ``req``'s lane, cut at the next prefill snapshot boundary (whose
+        snapshot the step then takes) when prefix caching keeps per-slot state."""
+        if self.prefix is None or req.num_cached >= len(req.prompt):
+            return n
+        boundary = self.prefix.next_boundary(req, req.num_cached)
+        if boundary is not None and boundary <= req.num_cached + n:
+            self._snapshot_after.append((req, boundary))
+            return boundary - req.num_cached
+        return n
 
     # -- one step --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -249,6 +316,8 @@ class Engine:
             offset += len(tokens)
         t2 = time.perf_counter()
         logits = self.runner.run(lane_inputs, device_tokens.source(self._inflight))
+        for req, position in self._snapshot_after:  # prefill chunks that ended at a snapshot boundary
+            self.prefix.snapshot(req, position)
         t3 = time.perf_counter()
         self.num_steps += 1
         # logits hold logit_rows(lane_inputs): all rows of a verify lane, the last row of any other
@@ -262,6 +331,9 @@ class Engine:
         else:
             self._inflight = launched
             finished += self._read_back(verify=(lanes, starts, logits, drafts))
+        if self.prefix is not None:
+            for req in self.running:
+                self.prefix.register(req)
         t4 = time.perf_counter()
         self.timings.update(schedule=t1 - t0, draft=t2 - t1, run=t3 - t2)
         if self.checked:
@@ -345,14 +417,19 @@ class Engine:
         return finished
 
     def check_accounting(self) -> None:
-        """Every allocated slot and page belongs to exactly one running request, and back."""
+        """Every allocated slot belongs to exactly one running request, and back; every page's
+        reference count is the number of running requests holding it (more than one only for a
+        shared prefix page, with prefix caching), and unheld pages are free or cached."""
         slots = [r.slot for r in self.running]
         pages = [p for r in self.running for p in r.pages]
         problems = []
         if len(set(slots)) != len(slots) or set(slots) != self.pools.slots.used:
             problems.append(f"slots of running requests {sorted(slots)} != allocated {sorted(self.pools.slots.used)}")
-        if len(set(pages)) != len(pages) or set(pages) != self.pools.pages.used:
-            problems.append("pages of running requests are shared or differ from the allocated ones")
+        if any(len(set(r.pages)) != len(r.pages) for r in self.running):
+            problems.append("a running request holds a page twice")
+        if self.prefix is None and len(set(pages)) != len(pages):
+            problems.append("pages of running requests are shared without prefix caching")
+        problems += self.pools.pages.check(pages)
         if problems:
             raise AssertionError("autodeploy checked mode: " + "; ".join(problems))
 

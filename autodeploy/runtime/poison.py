@@ -5,8 +5,10 @@ Before a step runs (eager, compiled, or a CUDA-graph replay), ``poison_step`` fi
 
 - every graph input that is neither a raw step input nor a cache (metadata prepared outside the
   graph would be such an input, stale after a CUDA-graph replay that skipped the code preparing it);
-- full-attention pages no sequence owns, the null page, and in the pages of the step's sequences
-  every position at or past its cached length (rejected drafts live there);
+- full-attention pages no sequence owns and the prefix cache does not keep, the null page, and in
+  the pages of the step's sequences every position at or past its cached length (rejected drafts
+  live there, and the rows of a partial page after a restored prefix);
+- prefix snapshots rows that hold no snapshot;
 - sliding-window ring rows of the step's sequences outside the window before the step; the rings,
   SSM/conv state and replay buffers of slots no sequence owns and of the null slot;
 - replay-buffer entries past the count each lane replays;
@@ -50,7 +52,7 @@ def poison_step(runner, lanes: list[LaneInput], graph_inputs: dict[str, torch.Te
     for name, value in graph_inputs.items():
         if name not in STEP_INPUTS and name not in pools.tensors and isinstance(value, torch.Tensor):
             fill_garbage(value)
-    used_slots, used_pages = pools.slots.used, pools.pages.used
+    used_slots, used_pages = pools.slots.used, pools.pages.resident  # cached prefix pages keep their contents
     by_slot = {lane.slot: lane for lane in lanes if lane.slot}
     page = sizes.page_size
     for spec in pools.specs:
@@ -80,6 +82,16 @@ def poison_step(runner, lanes: list[LaneInput], graph_inputs: dict[str, torch.Te
                     fill_garbage(t[slot])
                 elif spec.pool == POOL_REPLAY and slot in by_slot:
                     fill_garbage(t[slot, by_slot[slot].accepted:])
+    poison_free_snapshots(pools.snapshots)
+
+
+def poison_free_snapshots(snapshots) -> None:
+    """Garble the rows of the prefix-snapshot pool that hold no snapshot."""
+    if snapshots is None or not snapshots._free:
+        return
+    for tensor in snapshots.tensors():
+        rows = torch.tensor(snapshots._free, device=tensor.device)
+        tensor.index_fill_(0, rows, float("nan") if tensor.is_floating_point() else -1)
 
 
 class PoolPoisoner:

@@ -4,6 +4,8 @@
   Per-slot state (SSM, conv) and sliding-window rings are indexed by slot.
 * Full-attention pages: page 0 is the null page; pages 1.. are handed out per sequence.
 * Sliding-window pools need no allocator: slot s owns ring pages s*R .. s*R+R-1.
+* Prefix snapshots (with prefix caching): ``num_snapshots`` copies of a slot's state, rings and
+  one full-attention page each, in a pool of their own (runtime/prefix_cache.py).
 
 Accounting is exact: freeing something not allocated, or allocating twice, raises.
 """
@@ -15,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from autodeploy.cache_spec import POOL_FULL, CacheSpec
+from autodeploy.cache_spec import POOL_FULL, POOL_REPLAY, CacheSpec
 
+POOL_SNAPSHOTS = "prefix_snapshots"  # the name cache_bytes() reports the snapshot pool under
 NULL_SLOT = 0
 NULL_PAGE = 0
 
@@ -69,6 +72,7 @@ class PoolSizes:
     # allocatable pages of the full-attention pool (null page excluded);
     # None: enough for max_batch_size requests of max_seq_len tokens
     num_full_pages: int | None = None
+    num_snapshots: int = 0  # prefix-cache snapshots (runtime/prefix_cache.py); 0: none
 
     def __post_init__(self):
         if self.num_full_pages is None:
@@ -96,11 +100,36 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return math.prod(shape) * dtype.itemsize
 
 
+def ring_pages_kept(window: int, ring_pages: int, page_size: int) -> int:
+    """Ring pages a prefix snapshot keeps: those of the W - 1 keys before its position, from the
+    page of the first one (one page more keeps the bound simple), at most the whole ring."""
+    return min(ring_pages, -(-(window - 1) // page_size) + 2)
+
+
+def snapshot_bytes(specs: list[CacheSpec], sizes: PoolSizes) -> int:
+    """Bytes of the prefix-snapshot pool: per snapshot, one slot's state, the pages of the last
+    W keys of each ring and one full-attention page (runtime/prefix_cache.py's SnapshotPool)."""
+    per = 0
+    for s in specs:
+        if s.pool == POOL_REPLAY:
+            continue
+        if s.kind == "state":
+            per += _nbytes(s.shape, s.dtype)
+        elif s.pool == POOL_FULL:
+            per += _nbytes((sizes.page_size, *s.shape), s.dtype)
+        else:
+            per += _nbytes((ring_pages_kept(s.window, s.ring_pages, sizes.page_size), sizes.page_size, *s.shape),
+                           s.dtype)
+    return per * sizes.num_snapshots
+
+
 def full_pages_within(budget_bytes: int, specs: list[CacheSpec], sizes: PoolSizes) -> int:
     """How many full-attention pages fit in ``budget_bytes`` once the caches whose size the
     budget cannot change (sliding-window rings, SSM and conv state: fixed by the batch size and
-    the window) and the null page are paid for. Raises ValueError if not even one page fits."""
+    the window; prefix snapshots) and the null page are paid for. Raises ValueError if not even
+    one page fits."""
     fixed = sum(_nbytes(cache_shape(s, sizes), s.dtype) for s in specs if s.pool != POOL_FULL)
+    fixed += snapshot_bytes(specs, sizes)
     per_page = sum(_nbytes((sizes.page_size, *s.shape), s.dtype) for s in specs if s.pool == POOL_FULL)
     if not per_page:
         if budget_bytes < fixed:
@@ -122,17 +151,24 @@ class CachePools:
 
     def __init__(self, specs: list[CacheSpec], sizes: PoolSizes, device: torch.device | str = "cpu"):
         self.specs, self.sizes = specs, sizes
+        # prefix_cache builds on IndexAllocator: imported here, not at the top
+        from autodeploy.runtime.prefix_cache import PagePool, SnapshotPool
+
         self.slots = IndexAllocator(sizes.max_batch_size, "sequence slots")
-        self.pages = IndexAllocator(sizes.num_full_pages, "full-attention KV pages")
+        self.pages = PagePool(sizes.num_full_pages)
         self.tensors = {
             spec.name: torch.zeros(cache_shape(spec, sizes), dtype=spec.dtype, device=device) for spec in specs
         }
+        self.snapshots = SnapshotPool(specs, self.tensors, sizes.max_batch_size + 1, sizes.page_size,
+                                      sizes.num_snapshots, device) if sizes.num_snapshots else None
 
     def bytes_by_pool(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for spec in self.specs:
             t = self.tensors[spec.name]
             out[spec.pool] = out.get(spec.pool, 0) + t.numel() * t.element_size()
+        if self.snapshots is not None:
+            out[POOL_SNAPSHOTS] = self.snapshots.nbytes()
         return out
 
     def assert_empty(self) -> None:

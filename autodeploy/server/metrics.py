@@ -3,7 +3,8 @@
 Counters and histograms are updated by the engine thread as tokens come out (time to first token,
 time per output token, end-to-end latency, tokens in and out, finished requests by reason,
 speculative drafts proposed and accepted from each request's ``spec`` counts); gauges (requests
-running and waiting, slots and KV pages in use) are read from the engine when scraped. Each server
+running and waiting, slots and KV pages in use; with prefix caching, prompt tokens looked up and
+reused, the hit rate and the snapshots kept) are read from the engine when scraped. Each server
 has its own registry, so several can live in one process (tests).
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 PREFIX = "autodeploy"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
@@ -89,6 +90,18 @@ class _EngineGauges:
                      "has no full attention)", (pages.num_used / pages.capacity) if pages.capacity
                      else pools.slots.num_used / max(pools.slots.capacity, 1))
         yield _gauge("engine_healthy", "1 while the engine loop runs", 1.0 if self.loop.alive else 0.0)
+        prefix = getattr(engine, "prefix", None)
+        if prefix is not None:
+            stats = prefix.stats
+            yield CounterMetricFamily(f"{PREFIX}_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      value=stats.num_prompt_tokens)
+            yield CounterMetricFamily(f"{PREFIX}_prefix_cache_hits", "Prompt tokens reused from the prefix cache",
+                                      value=stats.num_cached_tokens)
+            yield _gauge("prefix_cache_hit_rate", "Fraction of prompt tokens reused from the prefix cache",
+                         stats.hit_rate)
+            yield _gauge("prefix_cache_pages", "Full-attention pages holding a cached prefix", pages.num_cached)
+            snaps = pools.snapshots
+            yield _gauge("prefix_snapshots_used", "Prefix snapshots kept", len(snaps) if snaps is not None else 0)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
