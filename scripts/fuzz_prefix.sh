@@ -16,7 +16,7 @@ for seed in $(seq 1 "$procs"); do
     --hypothesis-show-statistics > "$logs/$seed.log" 2>&1 &
 done
 wait
-passed=$(grep -ho '[0-9]* passing examples' "$logs"/*.log | awk '{s += $1} END {print s + 0}')
+passed=$(grep -ho '[0-9]* passing,' "$logs"/*.log | awk '{s += $1} END {print s + 0}')
 failed_runs=$(grep -L ' passed' "$logs"/*.log | wc -l)
 echo "prefix fuzz: $passed schedules passed over $procs processes; $failed_runs processes failed (logs: $logs)"
 if [ "$failed_runs" -ne 0 ]; then
