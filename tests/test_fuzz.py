@@ -102,6 +102,35 @@ request = st.fixed_dictionaries({
 TINY = {"length": 1, "seed": 0, "max_tokens": 1, "arrival": 0, "abort": None, "stop_at": None}
 
 
+def expected_tokens(prompt: tuple, r: dict) -> tuple[SamplingParams, list[int]]:
+    """The request's sampling parameters (its stop token: the one it would emit at ``stop_at``) and
+    the tokens it must produce: those of running it alone, cut after the stop token."""
+    full = alone(prompt, r["max_tokens"])
+    stop = [full[r["stop_at"]]] if r["stop_at"] is not None and r["stop_at"] < len(full) else []
+    params = SamplingParams(max_tokens=r["max_tokens"], ignore_eos=True, stop_token_ids=stop)
+    return params, list(full[:full.index(stop[0]) + 1]) if stop else list(full)
+
+
+def refused_for_size(eng, prompt: tuple, r: dict, params: SamplingParams, num_pages: int) -> bool:
+    """A request whose prompt and answer need more KV pages than the pool has is refused at once."""
+    if -(-(len(prompt) + r["max_tokens"]) // OPTIONS["page_size"]) <= num_pages:
+        return False
+    with pytest.raises(ValueError, match="KV pages"):
+        eng.add_request(list(prompt), params)
+    return True
+
+
+def finished_outputs(eng, ids: dict, expected: dict):
+    """(index, request) of every submitted request, after checking that an aborted one produced a
+    prefix of its expected tokens; the caller checks the rest."""
+    for i, rid in ids.items():
+        req = eng.requests.pop(rid)
+        if req.finish_reason == "abort":
+            assert req.output == expected[i][:len(req.output)]
+        else:
+            yield i, req
+
+
 @settings(settings.get_profile(PROFILE))
 # Regression, shrunk by hypothesis from a failure of an injected bug (the replayed SSM state not
 # written back): five one-token requests fill the lanes while a 13-token one runs 19 tokens of
@@ -119,32 +148,21 @@ def test_random_schedules_match_each_request_alone(requests, num_pages, drafter_
         for i, r in enumerate(requests):
             if i not in started and r["arrival"] <= step:
                 prompt = tuple(random.Random(r["seed"]).randrange(256) for _ in range(r["length"]))
-                full = alone(prompt, r["max_tokens"])
-                stop = [full[r["stop_at"]]] if r["stop_at"] is not None and r["stop_at"] < len(full) else []
-                params = SamplingParams(max_tokens=r["max_tokens"], ignore_eos=True, stop_token_ids=stop)
-                if -(-(len(prompt) + r["max_tokens"]) // OPTIONS["page_size"]) > num_pages:
-                    with pytest.raises(ValueError, match="KV pages"):
-                        eng.add_request(list(prompt), params)
-                    started.add(i)
-                    continue
-                rid = eng.add_request(list(prompt), params)
-                eng.drafter.truth[rid] = prompt + full
-                ids[i] = rid
-                expected[i] = list(full[:full.index(stop[0]) + 1]) if stop else list(full)
+                params, expected[i] = expected_tokens(prompt, r)
                 started.add(i)
+                if refused_for_size(eng, prompt, r, params, num_pages):
+                    continue
+                ids[i] = eng.add_request(list(prompt), params)
+                eng.drafter.truth[ids[i]] = prompt + alone(prompt, r["max_tokens"])
         for i, r in enumerate(requests):
             if i in ids and r["abort"] == step:
                 eng.abort(ids[i])
         eng.step()
         step += 1
         assert step < 500, "no progress"
-    for i, rid in ids.items():
-        req = eng.requests.pop(rid)
-        if req.finish_reason == "abort":
-            assert req.output == expected[i][:len(req.output)]
-        else:
-            assert req.output == expected[i], (requests[i], req.finish_reason)
-            assert req.finish_reason == ("stop" if requests[i]["stop_at"] is not None
+    for i, req in finished_outputs(eng, ids, expected):
+        assert req.output == expected[i], (requests[i], req.finish_reason)
+        assert req.finish_reason == ("stop" if requests[i]["stop_at"] is not None
                                          and requests[i]["stop_at"] < requests[i]["max_tokens"] else "length")
     eng.pools.assert_empty()
     eng.check_accounting()
@@ -208,18 +226,14 @@ def test_random_schedules_with_shared_prefixes_match_each_request_alone(requests
                 base = list(prompts[parent]) + (list(expected[parent]) if r["whole"] else [])
                 base = base[:r["cut"]]
             prompt = tuple((base + [g.randrange(256) for _ in range(r["extra"])])[:limit - r["max_tokens"]])
-            full = alone(prompt, r["max_tokens"])
-            stop = [full[r["stop_at"]]] if r["stop_at"] is not None and r["stop_at"] < len(full) else []
-            params = SamplingParams(max_tokens=r["max_tokens"], ignore_eos=True, stop_token_ids=stop)
+            params, expected[i] = expected_tokens(prompt, r)
             started.add(i)
-            if -(-(len(prompt) + r["max_tokens"]) // OPTIONS["page_size"]) > num_pages:
-                with pytest.raises(ValueError, match="KV pages"):
-                    eng.add_request(list(prompt), params)
+            if refused_for_size(eng, prompt, r, params, num_pages):
                 continue
             rid = eng.add_request(list(prompt), params)
-            truth.truth[rid] = prompt + full if r["drafts"] else prompt  # no truth: no drafts
+            # no truth: no drafts
+            truth.truth[rid] = prompt + alone(prompt, r["max_tokens"]) if r["drafts"] else prompt
             ids[i], prompts[i] = rid, prompt
-            expected[i] = list(full[:full.index(stop[0]) + 1]) if stop else list(full)
         eng.drafter = None if overlap else truth
         for i, r in enumerate(requests):
             if i in ids and r["abort"] == step:
@@ -227,11 +241,7 @@ def test_random_schedules_with_shared_prefixes_match_each_request_alone(requests
         eng.step()
         step += 1
         assert step < 800, "no progress"
-    for i, rid in ids.items():
-        req = eng.requests.pop(rid)
-        if req.finish_reason == "abort":
-            assert req.output == expected[i][:len(req.output)]
-        else:
-            assert req.output == expected[i], (requests[i], req.finish_reason, req.num_cached_tokens)
+    for i, req in finished_outputs(eng, ids, expected):
+        assert req.output == expected[i], (requests[i], req.finish_reason, req.num_cached_tokens)
     eng.pools.assert_empty()
     eng.check_accounting()
