@@ -60,6 +60,7 @@ from autodeploy.custom_ops import triton_ssd_scan
 from autodeploy.custom_ops.causal_conv1d import ACTIVATIONS
 from autodeploy.custom_ops.triton_causal_conv1d import launch_cached_causal_conv1d
 from autodeploy.custom_ops.triton_lanes import lane_lengths, owning_lane
+from autodeploy.custom_ops.triton_ssd_scan import _head_params
 
 __all__ = ["triton_cached_mamba_mixer", "mamba_mixer_counters", "fused_lane_mask", "max_fused_tokens"]
 
@@ -238,13 +239,7 @@ def _mamba_mixer_kernel(
     state_ptrs = (ssm_state_ptr + slot * stride_ms + head * stride_mh
                   + offs_p[:, None] * stride_mp + offs_n[None, :] * stride_mn)
     state = tl.load(state_ptrs, mask=(offs_p < p_state)[:, None] & n_ok[None, :], other=0.0)
-    A = tl.load(A_ptr + head).to(tl.float32)
-    D = 0.0
-    if HAS_D:
-        D = tl.load(D_ptr + head).to(tl.float32)
-    dtb = 0.0
-    if HAS_DT_BIAS:
-        dtb = tl.load(dt_bias_ptr + head)
+    A, D, dtb = _head_params(A_ptr, D_ptr, dt_bias_ptr, head, HAS_D, HAS_DT_BIAS)
     # (constexprs are passed one by one: a tuple of them loses constexpr-ness when compiled)
     conv = (stride_xc, stride_ss, stride_sc, stride_wc, stride_wk)
     wx, bx, in_x, st_x, ok_x, sok_x = _conv_setup(xbc_ptr, conv_state_ptr, w_ptr, b_ptr, slot, x_ch, offs_p, P,
