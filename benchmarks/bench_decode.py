@@ -110,7 +110,8 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", metavar="MODE:ATTN[:SSM[:FLAG...]]",
                     help="explicit (compile mode, attention backend[, SSM backend]) instead of --compile x --attn; "
                          "flags: 'sync' (async scheduling off), 'no-<transform>' / 'with-<transform>' (a perf "
-                         "transform off / on), 'pdl' (Triton kernels with programmatic dependent launch)")
+                         "transform off / on), 'pdl' / 'no-pdl' (Triton kernels with / without programmatic "
+                         "dependent launch; default: with)")
     ap.add_argument("--attn", nargs="+", default=["auto"], help="attention backends to time side by side")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--append", action="store_true", help="add the rows to an existing decode.json")
@@ -129,9 +130,9 @@ def main() -> None:
     configs = ([tuple((c.split(":") + ["auto"])[:3]) + (tuple(c.split(":")[3:]),) for c in args.configs]
                if args.configs else [(mode, attn, "auto", ()) for mode in args.compile for attn in args.attn])
     for bs, mode, attn, ssm, flags in [(bs, *c) for bs in args.batch for c in configs]:
-        perf = ({f[3:]: False for f in flags if f.startswith("no-")}
+        perf = ({f[3:]: False for f in flags if f.startswith("no-") and f != "no-pdl"}
                 | {f[5:]: True for f in flags if f.startswith("with-")})
-        triton_pdl.PDL_ENABLED = "pdl" in flags  # read at each launch: CUDA graphs capture it
+        triton_pdl.PDL_ENABLED = "no-pdl" not in flags  # read at each launch: CUDA graphs capture it
         prompts = torch.randint(0, model.config.vocab_size, (bs, args.prompt), generator=g).tolist()
         t0 = time.perf_counter()
         llm = LLM(model, dtype="bfloat16", device="cuda", max_batch_size=bs, page_size=16,

@@ -8,9 +8,9 @@ without (they do in float32; in bfloat16 a prefill split differently may round d
     python benchmarks/bench_prefix_chat.py --out prefix_chat.json           # CUDA: real sizes
     python benchmarks/bench_prefix_chat.py --cpu --out prefix_chat_cpu.json  # the CPU quick run
 
-GPU defaults: bench-hybrid-0.6b, 64 conversations x 8 turns, a 1024-token system prompt, 64-token
-user messages and answers. CPU defaults: the zoo hybrid, 4 x 3, 64-token system prompt, 8-token
-messages and answers.
+Each engine first serves one warm-up request. GPU defaults: bench-hybrid-0.6b, 64 conversations
+x 8 turns, a 1024-token system prompt, 64-token user messages and answers. CPU defaults: the zoo
+hybrid, 4 x 3, 64-token system prompt, 8-token messages and answers.
 """
 
 from __future__ import annotations
@@ -77,6 +77,17 @@ def run_chat(llm: LLM, args, vocab: int) -> dict:
             "answers": answers}
 
 
+def warm_up(llm: LLM, args, vocab: int) -> None:
+    """One request of the first turn's length on tokens no conversation uses (kernel compiles and
+    allocator growth happen here, not in turn 0's timings); then an empty prefix cache and stats."""
+    g = random.Random(args.seed + 1)
+    llm.generate([{"prompt_token_ids": [g.randrange(vocab) for _ in range(args.system_len + args.user_len)]}],
+                 SamplingParams(max_tokens=2, ignore_eos=True))
+    if llm.engine.prefix is not None:
+        llm.engine.reset_prefix_cache()
+        llm.engine.prefix.stats = type(llm.engine.prefix.stats)()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="the CPU quick run even when a GPU is present")
@@ -111,16 +122,20 @@ def main() -> None:
         if caching and args.snapshot_interval is not None:
             extra["prefix_snapshot_interval"] = args.snapshot_interval
         llm = LLM(model, **options, **extra)
-        run = run_chat(llm, args, model.config.vocab_size)
         engine = llm.engine
+        warm_up(llm, args, model.config.vocab_size)
+        taken = engine.pools.snapshots.num_taken if caching and engine.pools.snapshots else 0
+        evicted = engine.pools.snapshots.num_evicted if caching and engine.pools.snapshots else 0
+        run = run_chat(llm, args, model.config.vocab_size)
         run["cache_bytes"] = llm.cache_bytes()
         if caching:
             stats = engine.prefix.stats
             run.update(hit_rate=stats.hit_rate, reused_tokens=stats.num_cached_tokens,
                        hit_requests=stats.num_hit_requests, requests=stats.num_requests,
                        snapshot_bytes=run["cache_bytes"].get(POOL_SNAPSHOTS, 0),
-                       snapshots_taken=engine.pools.snapshots.num_taken if engine.pools.snapshots else 0,
-                       snapshots_evicted=engine.pools.snapshots.num_evicted if engine.pools.snapshots else 0,
+                       snapshots_taken=(engine.pools.snapshots.num_taken if engine.pools.snapshots else 0) - taken,
+                       snapshots_evicted=(engine.pools.snapshots.num_evicted if engine.pools.snapshots else 0)
+                       - evicted,
                        pages_evicted=engine.pools.pages.num_evicted)
         runs["with_caching" if caching else "without_caching"] = run
         del llm, engine
