@@ -9,7 +9,9 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter on th
 
 import autodeploy  # noqa: E402,F401
 
-torch.set_num_threads(2)
+# two threads (the CI machine's cores) unless OMP_NUM_THREADS says otherwise (the fuzz script runs
+# one single-threaded process per core: two threads per process there wait on each other's cores)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
 def pytest_configure(config):
