@@ -3,7 +3,7 @@
 # running EXAMPLES random schedules of tests/test_fuzz.py's prefix test with its own hypothesis
 # seed (1..PROCESSES); prints the schedules that passed and failed in all, and exits 1 on a failure.
 #
-#   scripts/fuzz_prefix.sh 128 80      # 10,240 schedules on a 128-core host (minutes)
+#   scripts/fuzz_prefix.sh 2 5100      # 10,200 schedules: ~25 minutes on 2 cores
 #   scripts/fuzz_prefix.sh 2 5         # a quick check
 set -u
 procs=${1:?usage: scripts/fuzz_prefix.sh PROCESSES EXAMPLES_EACH}
