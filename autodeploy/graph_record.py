@@ -94,17 +94,18 @@ class GraphRecord:
         """The sequence length the graph was exported for (rope tables, which windows need rings)."""
         return self.export.max_seq_len if self.export is not None else None
 
-    def check_graph(self, gm: GraphModule) -> None:
-        """ValueError if ``gm``'s inputs are not the ones recorded or not all providable."""
+    def check_graph(self, gm: GraphModule, provided: tuple[str, ...] = STEP_INPUTS) -> None:
+        """ValueError if ``gm``'s inputs are not the ones recorded, or if an input that is not a cache
+        is not among those the runtime ``provided``."""
         names = tuple(placeholder_names(gm))
         if names != self.inputs:
             raise ValueError(f"the graph's inputs {list(names)} differ from its record's {list(self.inputs)}: a "
                              "pass changed the graph's inputs without recording them (graph_record.add_input and "
                              "add_cache do both)")
-        unknown = [n for n in self.raw_inputs if n not in STEP_INPUTS]
+        unknown = [n for n in self.raw_inputs if n not in provided]
         if unknown:
             raise ValueError(f"the graph takes inputs {unknown} that are neither caches nor step inputs "
-                             f"{list(STEP_INPUTS)}")
+                             f"{list(provided)}")
 
     def check_sizes(self, sizes: Any, max_draft_tokens: int | None = None) -> None:
         """ValueError naming the option if ``sizes`` (a PoolSizes) or ``max_draft_tokens``
@@ -132,7 +133,7 @@ def graph_record(gm: GraphModule) -> GraphRecord:
     if record is None:
         return GraphRecord(tuple(placeholder_names(gm)))
     if not isinstance(record, GraphRecord):
-        raise TypeError(f"gm.meta[{RECORD_KEY!r}] holds a {type(record).__name__}, not a GraphRecord")
+        raise TypeError(f"the graph's meta holds a {type(record).__name__} under {RECORD_KEY!r}, not a GraphRecord")
     return record
 
 

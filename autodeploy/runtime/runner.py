@@ -24,6 +24,7 @@ import torch
 from torch.fx import GraphModule
 
 from autodeploy.backends import build_host_halves
+from autodeploy.cache_spec import STEP_INPUTS
 from autodeploy.graph_record import GraphRecord, graph_record
 from autodeploy.runtime.batch import BatchInputs, LaneInput, logit_row_count, logit_rows
 from autodeploy.runtime.poison import PoolPoisoner, poison_step
@@ -48,11 +49,13 @@ def host_halves(record: GraphRecord, sizes: PoolSizes, device) -> list:
 
 
 class GraphRunner:
+    step_inputs: tuple[str, ...] = STEP_INPUTS  # the inputs besides caches that a step provides (BatchInputs)
+
     def __init__(self, gm: GraphModule, sizes: PoolSizes, device: torch.device | str = "cpu",
                  compile_mode: str = "eager", capture_sizes: list[int] | None = None):
         self.gm, self.sizes = gm, sizes
         self.record = record = graph_record(gm)
-        record.check_graph(gm)
+        record.check_graph(gm, self.step_inputs)
         record.check_sizes(sizes)
         self.pools = CachePools(list(record.caches), sizes, device)
         self.inputs = BatchInputs(sizes.max_batch_size, sizes.max_num_tokens, sizes.max_pages_per_seq, device)
