@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from autodeploy import defaults, distributed, gguf
 from autodeploy.fx_utils import move_graph_module
+from autodeploy.graph_record import graph_record
 from autodeploy.runtime.engine import Engine
 from autodeploy.runtime.pools import PoolSizes, full_pages_within, snapshot_bytes
 from autodeploy.runtime.runner import COMPILE_MODES, GraphRunner, default_capture_sizes
@@ -333,12 +334,13 @@ class LLM:
         self.config = cfg = self.config.completed(self.model)
         start = time.perf_counter()
         self.gm, self.transform_infos = self._graph(self.model)
-        sizes = PoolSizes(cfg.max_batch_size, cfg.max_seq_len, cfg.page_size, cfg.max_num_tokens, cfg.num_pages)
+        record = self.record = graph_record(self.gm)  # what the graph decided: the runner checks sizes against it
+        sizes = PoolSizes(cfg.max_batch_size, cfg.max_seq_len, record.page_size or cfg.page_size,
+                          record.max_num_tokens or cfg.max_num_tokens, cfg.num_pages)
         if cfg.enable_prefix_caching:
-            sizes.num_snapshots = _snapshot_count(cfg, self.gm.meta.get("autodeploy_caches", []), sizes)
+            sizes.num_snapshots = _snapshot_count(cfg, list(record.caches), sizes)
         if cfg.max_cache_bytes is not None:
-            specs = self.gm.meta.get("autodeploy_caches", [])
-            sizes.num_full_pages = full_pages_within(cfg.max_cache_bytes, specs, sizes)
+            sizes.num_full_pages = full_pages_within(cfg.max_cache_bytes, list(record.caches), sizes)
         vocab = _vocab_size(self.model, self.gm)
         self.drafter = self._drafter(sizes, vocab, dtype)
         self.engine = Engine(self._runner(self.gm, sizes), sizes, vocab, _eos_token_ids(self.model), cfg.device,
@@ -349,7 +351,7 @@ class LLM:
             self._self_check(dtype)
         self.build_seconds = time.perf_counter() - start
         self.spec_stats = SpecDecodingStats() if self.drafter is not None else None
-        logger.info("backends: %s", self.gm.meta["autodeploy_backends"])
+        logger.info("backends: %s", record.backends)
         self.rank = distributed.rank() if cfg.tensor_parallel_size > 1 else 0  # rank 0's outputs are authoritative
         logger.info("cache pools%s: %s; %d full-attention pages of %d tokens",
                     f" (rank {self.rank} of {cfg.tensor_parallel_size}, this rank's)" if cfg.tensor_parallel_size > 1

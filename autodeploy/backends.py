@@ -16,11 +16,15 @@ import importlib
 import importlib.util
 import itertools
 import os
+import weakref
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from torch.fx import GraphModule
+
+from autodeploy.graph_record import GraphRecord, HostHalfSpec, graph_record, update_record
 
 
 @dataclass(frozen=True)
@@ -124,9 +128,10 @@ class HostHalf(Protocol):
     """Host work a backend's cached op needs before every step (flashinfer's ``plan()``). The op
     takes one argument more than its family's other backends: the id of its host half. A cache
     insertion transform asks ``spec_for`` for each layer (equal specs share one host half, and so
-    one id) and records the specs on the graph (``record_host_half``); the runner builds the host
-    halves from them (``build_host_halves``) and calls ``plan`` on every path: eager steps,
-    warm-up, CUDA-graph capture and replay."""
+    one id) and records the specs in the graph's record (``record_host_half``); the runner builds
+    the host halves from them (``build_host_halves``), which registers each under its id for the
+    op to find (``host_half``), and calls ``plan`` on every path: eager steps, warm-up, CUDA-graph
+    capture and replay."""
 
     @classmethod
     def spec_for(cls, layer: Any) -> Hashable:
@@ -134,14 +139,17 @@ class HostHalf(Protocol):
         naming what it cannot serve."""
 
     @classmethod
-    def build(cls, spec: Any, plan_id: int, num_lanes: int, max_pages_per_lane: int, device: Any) -> HostHalf:
-        """The host half of id ``plan_id``, which the graph's ops of that id find at run time."""
+    def build(cls, spec: Any, num_lanes: int, max_pages_per_lane: int, device: Any) -> HostHalf:
+        """The host half for ``spec`` of a runner with ``num_lanes`` lanes."""
 
     def plan(self, host: dict[str, torch.Tensor], captured: bool) -> None: ...
 
 
-HOST_HALVES_KEY = "autodeploy_host_halves"  # gm.meta: plan id -> (family, backend, spec)
 _host_half_ids = itertools.count()
+# plan id -> the live host half of that id. Ids are unique in the process (a target and its draft
+# model own separate ones), so one table serves every runner; the runner holds its halves and this
+# table only refers to them, so a dropped engine frees them (flashinfer's workspaces with them)
+_LIVE_HOST_HALVES: weakref.WeakValueDictionary[int, HostHalf] = weakref.WeakValueDictionary()
 
 
 def host_half_class(family: str, backend: str) -> type[HostHalf] | None:
@@ -153,19 +161,38 @@ def host_half_class(family: str, backend: str) -> type[HostHalf] | None:
     return getattr(importlib.import_module(module), name)
 
 
-def record_host_half(meta: dict, family: str, backend: str, spec: Hashable) -> int:
-    """The id of the host half for ``spec`` on a graph with ``meta`` (a new process-wide unique id
-    for a spec the graph does not have yet: a target and its draft model own separate ones)."""
-    halves = meta.setdefault(HOST_HALVES_KEY, {})
-    for plan_id, recorded in halves.items():
-        if recorded == (family, backend, spec):
-            return plan_id
+def record_host_half(gm: GraphModule, family: str, backend: str, spec: Hashable) -> int:
+    """The id of the host half for ``spec`` in ``gm``'s record (a new process-wide unique id,
+    recorded, for a spec the graph does not have yet)."""
+    record = graph_record(gm)
+    for half in record.host_halves:
+        if (half.family, half.backend, half.spec) == (family, backend, spec):
+            return half.plan_id
     plan_id = next(_host_half_ids)
-    halves[plan_id] = (family, backend, spec)
+    update_record(gm, host_halves=(*record.host_halves, HostHalfSpec(plan_id, family, backend, spec)))
     return plan_id
 
 
-def build_host_halves(meta: dict, num_lanes: int, max_pages_per_lane: int, device: Any) -> list[HostHalf]:
-    """One host half per id the graph with ``meta`` recorded, for a runner of ``num_lanes`` lanes."""
-    return [host_half_class(family, backend).build(spec, plan_id, num_lanes, max_pages_per_lane, device)
-            for plan_id, (family, backend, spec) in sorted(meta.get(HOST_HALVES_KEY, {}).items())]
+def register_host_half(plan_id: int, half: HostHalf) -> HostHalf:
+    """Make ``half`` the one the ops of ``plan_id`` run with (while the caller holds it)."""
+    if plan_id in _LIVE_HOST_HALVES:
+        raise ValueError(f"host half {plan_id} already belongs to another runner: build one runner per cached graph")
+    _LIVE_HOST_HALVES[plan_id] = half
+    return half
+
+
+def host_half(plan_id: int) -> HostHalf:
+    """The live host half of ``plan_id``: what a cached op that takes a plan id runs with."""
+    half = _LIVE_HOST_HALVES.get(plan_id)
+    if half is None:
+        raise RuntimeError(f"no host half {plan_id} is live: a graph whose ops take a plan id runs inside the "
+                           "GraphRunner that built its host halves")
+    return half
+
+
+def build_host_halves(record: GraphRecord, num_lanes: int, max_pages_per_lane: int, device: Any) -> list[HostHalf]:
+    """One host half per id in the graph's ``record``, registered for its ops, for a runner of
+    ``num_lanes`` lanes; the caller keeps them alive for as long as it runs the graph."""
+    return [register_host_half(h.plan_id, host_half_class(h.family, h.backend).build(
+                h.spec, num_lanes, max_pages_per_lane, device))
+            for h in sorted(record.host_halves, key=lambda h: h.plan_id)]

@@ -1,8 +1,8 @@
 """What a cached graph expects from the runtime: raw batch inputs and cache tensors.
 
 Cache-insertion transforms add graph inputs and record a :class:`CacheSpec` per cache tensor in
-``gm.meta["autodeploy_caches"]``; the runtime allocates the tensors from those specs and passes
-them by name, after the raw batch inputs, in graph-input order.
+the graph's record (``autodeploy.graph_record``); the runtime allocates the tensors from those
+specs and passes them by name, after the raw batch inputs, in graph-input order.
 """
 
 from __future__ import annotations

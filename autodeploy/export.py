@@ -22,7 +22,6 @@ import inspect
 import logging
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,7 +30,8 @@ from torch.fx import GraphModule
 
 import autodeploy.custom_ops  # noqa: F401  (registers the ops)
 from autodeploy.calling_convention import CallingConventionError, ForwardCall
-from autodeploy.fx_utils import owning_module
+from autodeploy.fx_utils import owning_module, placeholder_names
+from autodeploy.graph_record import RECORD_KEY, ExportInfo, GraphRecord, graph_record
 from autodeploy.hf_version import check_transformers_version
 
 logger = logging.getLogger(__name__)
@@ -43,16 +43,6 @@ CAUSAL_CONV1D = torch.ops.autodeploy.causal_conv1d.default
 
 class ExportError(RuntimeError):
     """The model could not be exported into canonical ops; the message names the module."""
-
-
-@dataclass(frozen=True)
-class ExportInfo:
-    """What ``export_model`` recorded about the export (kept in ``gm.meta["autodeploy"]``)."""
-
-    max_seq_len: int
-    example_len: int
-    routed_attention: int  # attention calls routed through the HF interface
-    routed_mamba_modules: tuple[str, ...]  # modeling modules whose entry points were patched
 
 
 class LogitsOnly(nn.Module):
@@ -326,7 +316,7 @@ def _check_against_model(model: nn.Module, gm: GraphModule, device: torch.device
     """Run the exported graph and the model itself (its own attention, unrouted) on the same
     seeded tokens and raise :class:`ExportError` if the logits disagree: a routing or capture
     mistake must fail at build time, not produce plausible wrong tokens."""
-    length = _probe_length(model, gm.meta["autodeploy"].max_seq_len)
+    length = _probe_length(model, graph_record(gm).max_seq_len)
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocab = getattr(embed, "num_embeddings", 1)
     ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0)).to(device)
@@ -385,12 +375,12 @@ def export_model(
     gm = ep.module()
     _to_plain_graph_module(gm)
     _strip_metadata_asserts(gm)
-    gm.meta["autodeploy"] = ExportInfo(
+    gm.meta[RECORD_KEY] = GraphRecord(tuple(placeholder_names(gm)), ExportInfo(
         max_seq_len=max_seq_len,
         example_len=example_len,
         routed_attention=_AttentionCounter.calls,
         routed_mamba_modules=tuple(mamba_modules),
-    )
+    ))
     _check_mixers_routed(model, gm)
     _check_against_model(model, gm, device)
     logger.info(

@@ -41,7 +41,7 @@ def step_bytes(llm: LLM, weight_bytes: int, batch: int, context: float) -> float
     once, every KV cache's keys/values the lanes attend to (a sliding-window layer's window, a full
     layer's whole context), and the SSM/conv states read and written."""
     total = weight_bytes
-    for spec in llm.gm.meta.get("autodeploy_caches", []):
+    for spec in llm.record.caches:
         per = math.prod(spec.shape) * spec.dtype.itemsize  # a kv spec's bytes per token; a state spec's bytes per slot
         if spec.kind == "kv":
             total += per * batch * (min(context, spec.window) if spec.window else context)
@@ -143,7 +143,7 @@ def main() -> None:
         # warm-up at the timed prompt length (another prompt): Triton compiles and allocator growth
         # for these shapes happen here, not in the timed TTFT (a 32-token warm-up left them there)
         ours(llm, [p[::-1] for p in prompts], 8)
-        backends = llm.gm.meta["autodeploy_backends"]
+        backends = llm.record.backends
         row = {"model": args.model, "batch": bs, "compile": mode, "attn": backends["attention"],
                "ssm": backends.get("ssm", ssm),
                "flags": list(flags), "kernels_per_step": kernels_per_decode_step(llm, bs),

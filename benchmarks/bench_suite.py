@@ -82,6 +82,7 @@ def overhead(rows: list, batch: int = 64, context: int = 512) -> list[dict]:
     import flashinfer
 
     import autodeploy.custom_ops.triton_ssd_scan  # noqa: F401  (registers the Triton cached scan)
+    from autodeploy import backends
     from autodeploy.custom_ops import flashinfer_attention as fa
     from autodeploy.custom_ops.prepare_metadata import prepare_attention_metadata, prepare_ssm_metadata
 
@@ -101,7 +102,7 @@ def overhead(rows: list, batch: int = 64, context: int = 512) -> list[dict]:
     kc = torch.randn(1 + batch * pages_per, page, hkv, d, device="cuda", dtype=torch.bfloat16)
     vc = torch.randn_like(kc)
     spec = fa.AttentionPlanSpec(page, 0, 0, 0, d ** -0.5, 0.0, hq, hkv, d, torch.bfloat16)
-    plan = fa.PLANS[-2] = fa.AttentionPlan(spec, lanes, pages_per, "cuda")  # held by `plan`
+    plan = backends.register_host_half(-2, fa.AttentionPlan(spec, lanes, pages_per, "cuda"))  # held by `plan`
 
     def device_half():  # the prepare node, the KV write and the kernel: what the graph runs
         meta = prepare_attention_metadata(ids, dev["seq_lens"], dev["cached_lens"], dev["slots"], dev["page_table"],

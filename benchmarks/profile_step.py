@@ -72,7 +72,7 @@ def main() -> None:
                     torch.cuda.cudart().cudaProfilerStop()
                 continue
             table = kernel_table(runner, lanes)
-            row = {"model": name, "batch": bs, "backends": llm.gm.meta["autodeploy_backends"],
+            row = {"model": name, "batch": bs, "backends": llm.record.backends,
                    "kernels": sum(r["launches"] for r in table), "kernel_us": sum(r["us"] for r in table),
                    "table": table}
             results.append(row)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-PLANS: dict[int, PlannedSteps] = {}
+from autodeploy.backends import host_half
 
 
 class PlannedSteps:
@@ -16,8 +16,8 @@ class PlannedSteps:
         return (layer.pool_window, layer.num_kv_heads, layer.head_dim)
 
     @classmethod
-    def build(cls, spec, plan_id: int, num_lanes: int, max_pages_per_lane: int, device) -> PlannedSteps:
-        half = PLANS[plan_id] = cls()
+    def build(cls, spec, num_lanes: int, max_pages_per_lane: int, device) -> PlannedSteps:
+        half = cls()
         half.spec, half.num_lanes = spec, num_lanes
         return half
 
@@ -38,7 +38,7 @@ def planned_cached_attention(
     plan_id: int,
 ) -> torch.Tensor:
     """torch_cached_attention, after checking that its host half planned this very step."""
-    seq_lens = PLANS[plan_id].seq_lens
+    seq_lens = host_half(plan_id).seq_lens
     if seq_lens is None or not torch.equal(seq_lens.long().to(cu_seqlens.device), torch.diff(cu_seqlens)):
         raise RuntimeError(f"plan {plan_id} did not plan this step")
     return torch.ops.autodeploy.torch_cached_attention(q, k, v, k_cache, v_cache, write_idx, kv_start, kv_len,

@@ -77,7 +77,7 @@ def test_triton_attention_backend_gives_the_torch_backend_tokens():
     options = dict(max_batch_size=2, max_seq_len=64, max_num_tokens=16, page_size=8)
     ref = LLM(model, attn_backend="torch", **options).generate(ps, params)
     llm = LLM(model, attn_backend="triton", **options)
-    assert llm.gm.meta["autodeploy_backends"]["attention"] == "triton"
+    assert llm.record.backends["attention"] == "triton"
     got = llm.generate(ps, params)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
 
@@ -102,7 +102,7 @@ def test_triton_ssm_and_attention_backends_with_speculation_give_the_torch_token
                                        "num_speculative_tokens": 2})
     ref = LLM(model, attn_backend="torch", ssm_backend="torch", **options).generate(ps, params)
     llm = LLM(model, attn_backend="triton", ssm_backend="triton", **options)
-    assert llm.gm.meta["autodeploy_backends"] == {"attention": "triton", "ssm": "triton"}
+    assert llm.record.backends == {"attention": "triton", "ssm": "triton"}
     llm.engine.runner.poison = llm.drafter.runner.poison = True
     got = llm.generate(ps, params)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
@@ -124,7 +124,7 @@ def test_a_backend_is_one_table_entry_its_op_and_its_host_half(monkeypatch):
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in LLM(model, **options).generate(prompts, params)]
     llm = LLM(model, attn_backend="planned", self_check=False, **options)
-    assert llm.gm.meta["autodeploy_backends"]["attention"] == "planned"
+    assert llm.record.backends["attention"] == "planned"
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert got == want
     (half,) = llm.engine.runner.host_halves  # llama: one pool, one spec, so one host half

@@ -9,7 +9,7 @@ level checks live in tests/custom_ops/test_triton_*.py, which run on CUDA when i
 import pytest
 import torch
 
-from autodeploy import LLM, SamplingParams
+from autodeploy import LLM, SamplingParams, backends
 from autodeploy.models import build_model, zoo_names
 from autodeploy.runtime.batch import LaneInput
 
@@ -180,10 +180,12 @@ def test_flashinfer_attention_op_matches_torch(window):
                                       *(host[n].cuda() for n in ("seq_lens", "cached_lens", "slots", "page_table")),
                                       page, window, ring)
     spec = fa.AttentionPlanSpec(page, window, ring, window, d ** -0.5, 0.0, hq, hkv, d, torch.bfloat16)
-    plan = fa.PLANS[-1] = fa.AttentionPlan(spec, len(lanes), 10, "cuda")  # held by `plan`
+    plan_id = -1 - window  # an id of this test's own, live while `plan` is held
+    plan = backends.register_host_half(plan_id, fa.AttentionPlan(spec, len(lanes), 10, "cuda"))
     plan.plan(host, captured=False)
     kc, vc = k_cache.clone(), v_cache.clone()
-    got = torch.ops.autodeploy.flashinfer_cached_attention(q, k, v, kc, vc, *meta, d ** -0.5, window, 0.0, None, -1)
+    got = torch.ops.autodeploy.flashinfer_cached_attention(q, k, v, kc, vc, *meta, d ** -0.5, window, 0.0, None,
+                                                           plan_id)
     ref = torch.ops.autodeploy.torch_cached_attention(q, k, v, k_cache, v_cache, *meta, d ** -0.5, window, 0.0, None)
     assert torch.equal(kc, k_cache) and torch.equal(vc, v_cache)  # the same writes
     err = (got.float() - ref.float()).abs().max() / ref.float().abs().max()

@@ -8,8 +8,15 @@ and page lists into flashinfer's CSR page lists (keys from the window's first pa
 aligning queries to the end of the listed keys), then calls ``plan()``. It is this backend's host
 half in ``autodeploy.backends`` (``HostHalf``): insert_cached_attention records one spec per
 group of layers, the runner builds one plan per ``plan_id`` the graph recorded and calls them all
-before every run: eager steps, warm-up, capture and replay. The op finds its plan by id in
-``PLANS``.
+before every run: eager steps, warm-up, capture and replay.
+
+The op finds its plan through ``autodeploy.backends.host_half(plan_id)``: a custom op takes only
+tensors and scalars, so the plan object itself cannot be an argument, and the id is what the graph
+can carry. The id table is generic (every backend with a host half uses it) and owned by
+backends.py, which fills it when the runner builds the halves and refers to them weakly: the
+runner that owns the plans decides how long they live, and this module keeps no plan state. (Its
+one shared buffer, the float workspace per device, is scratch that every plan may use in turn,
+layers running one after another on one stream.)
 
 A captured CUDA graph bakes the wrapper's buffers and schedule in, so plans keep two wrappers: one
 in CUDA-graph mode (fixed lane count, buffers sized for the largest step, planned first at the
@@ -19,19 +26,16 @@ Layers with the same pool, heads and parameters share a plan.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
 
+from autodeploy.backends import host_half
 from autodeploy.custom_ops.attention import CachedAttentionLayer
 
-__all__ = ["flashinfer_cached_attention", "AttentionPlan", "AttentionPlanSpec", "PLANS"]
+__all__ = ["flashinfer_cached_attention", "AttentionPlan", "AttentionPlanSpec"]
 
 WORKSPACE_BYTES = 256 << 20
-# plan_id -> host half; filled by AttentionPlan.build for the runner, which holds them (weak here,
-# so a dropped engine frees its wrappers' workspaces)
-PLANS: weakref.WeakValueDictionary[int, AttentionPlan] = weakref.WeakValueDictionary()
 
 
 @dataclass(frozen=True)
@@ -91,15 +95,10 @@ class AttentionPlan:
                                  layer.soft_cap, layer.num_q_heads, layer.num_kv_heads, layer.head_dim, layer.dtype)
 
     @classmethod
-    def build(cls, spec: AttentionPlanSpec, plan_id: int, num_lanes: int, max_pages_per_lane: int,
-              device) -> AttentionPlan:
-        """The plan the graph's ops of ``plan_id`` run with (registered in ``PLANS``; the caller keeps
-        it alive)."""
-        if plan_id in PLANS:
-            raise ValueError(f"flashinfer plan {plan_id} already belongs to another runner: build one runner per "
-                             "cached graph")
-        plan = PLANS[plan_id] = cls(spec, num_lanes, max_pages_per_lane, device)
-        return plan
+    def build(cls, spec: AttentionPlanSpec, num_lanes: int, max_pages_per_lane: int, device) -> AttentionPlan:
+        """The plan of ``spec`` for a runner of ``num_lanes`` lanes (``backends.build_host_halves``
+        registers it under its id)."""
+        return cls(spec, num_lanes, max_pages_per_lane, device)
 
     def __init__(self, spec: AttentionPlanSpec, num_lanes: int, max_pages_per_lane: int, device):
         import flashinfer
@@ -150,7 +149,7 @@ def flashinfer_cached_attention(
     k_cache.view(-1, hkv, d).index_copy_(0, write_idx, k[0].to(k_cache.dtype))
     v_cache.view(-1, hkv, d).index_copy_(0, write_idx, v[0].to(v_cache.dtype))
     out = torch.empty(q.shape[1:], dtype=q.dtype, device=q.device)
-    PLANS[plan_id].active.run(q[0].contiguous(), (k_cache, v_cache), out=out)
+    host_half(plan_id).active.run(q[0].contiguous(), (k_cache, v_cache), out=out)
     return out[None]
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from torch.fx import GraphModule
 
+from autodeploy.graph_record import graph_record
 from autodeploy.graph_view.view import CacheView, _dtype, _family, _fmt_bytes, graph_view
 
 
@@ -97,7 +98,7 @@ def summarize(gm_or_llm: Any, infos: Sequence[Any] | None = None, sizes: Any = N
         if sizes is not None and getattr(sizes, "num_snapshots", 0):
             from autodeploy.runtime.pools import POOL_SNAPSHOTS, snapshot_bytes
 
-            nbytes = snapshot_bytes(gm.meta.get("autodeploy_caches", []), sizes)
+            nbytes = snapshot_bytes(list(graph_record(gm).caches), sizes)
             totals = {**totals, POOL_SNAPSHOTS: nbytes}
             lines.append(f"  {POOL_SNAPSHOTS:<10} {_fmt_bytes(nbytes):>10}  {sizes.num_snapshots} prefix-cache "
                          f"snapshots ({_fmt_bytes(nbytes // sizes.num_snapshots)} each: per-slot state, window keys, "

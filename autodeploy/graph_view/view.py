@@ -16,6 +16,7 @@ from torch.fx import GraphModule, Node
 
 from autodeploy.cache_spec import STEP_INPUTS, CacheSpec
 from autodeploy.fx_utils import EXPORT_ROOT, op_kwargs
+from autodeploy.graph_record import graph_record
 
 FAMILY_LABEL = {"attention": "attention", "ssd_scan": "Mamba2 scan", "causal_conv1d": "Mamba2 conv"}
 LAYER_RE = re.compile(r"^((?:.*\.)?(?:layers|layer|h|blocks|block)\.\d+)(?:\.|$)")
@@ -254,7 +255,8 @@ def graph_view(gm: GraphModule, sizes: Any = None, title: str = "") -> GraphView
     allocated shapes and bytes; without it they are per page / per slot."""
     from autodeploy.runtime.pools import cache_shape
 
-    specs: dict[str, CacheSpec] = {s.name: s for s in gm.meta.get("autodeploy_caches", [])}
+    record = graph_record(gm)
+    specs: dict[str, CacheSpec] = {s.name: s for s in record.caches}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     layers: dict[str, LayerView] = {}
     pre: list[tuple[str, str]] = []
@@ -339,4 +341,4 @@ def graph_view(gm: GraphModule, sizes: Any = None, title: str = "") -> GraphView
     if post:
         ordered.append(LayerView("head", parts=[f"{p} ({c})" for p, c in post], io=True))
     inputs = [n.target for n in placeholders if n.target not in specs]
-    return GraphView(title, ordered, prepares, caches, inputs, dict(gm.meta.get("autodeploy_backends", {})), sizes)
+    return GraphView(title, ordered, prepares, caches, inputs, record.backends, sizes)

@@ -131,6 +131,10 @@ class Engine:
         self.pools = self.runner.pools
         self.checked = False  # checked mode: verify pool accounting after every step
         self.drafter = drafter
+        if drafter is not None:  # its verify lanes carry 1 + K tokens: the graphs' replay buffers and rows hold them
+            for runner in (self.runner, getattr(drafter, "runner", None)):
+                if runner is not None:
+                    runner.record.check_sizes(runner.sizes, drafter.max_draft_tokens)
         self.async_scheduling = async_scheduling
         self.prefix: PrefixCache | None = None
         if prefix_caching:

@@ -3,7 +3,9 @@
 The engine (and a draft model's drafter) hand it lanes; it writes the raw inputs, passes the
 cache tensors by name, and returns the logits of the rows the engine reads (``batch.logit_rows``:
 the last token of each lane, every token of a verify lane). Nothing derived is
-computed here: the graph's prepare nodes do that.
+computed here: the graph's prepare nodes do that. What the graph expects (its inputs in order, its
+caches with their sizes, its host halves, whether it returns only the rows read) comes from its
+record (``autodeploy.graph_record``); pool sizes that contradict it are refused.
 
 Compile modes (AutoDeploy's names in brackets): ``eager`` (torch-simple) runs the GraphModule;
 ``inductor`` (torch-compile) runs ``torch.compile`` of it (cached ops stay opaque); ``cudagraph``
@@ -22,8 +24,8 @@ import torch
 from torch.fx import GraphModule
 
 from autodeploy.backends import build_host_halves
-from autodeploy.cache_spec import CacheSpec
-from autodeploy.fx_utils import placeholder_names
+from autodeploy.cache_spec import STEP_INPUTS
+from autodeploy.graph_record import GraphRecord, graph_record
 from autodeploy.runtime.batch import BatchInputs, LaneInput, logit_row_count, logit_rows
 from autodeploy.runtime.poison import PoolPoisoner, poison_step
 from autodeploy.runtime.pools import CachePools, PoolSizes
@@ -40,23 +42,27 @@ def default_capture_sizes(max_batch_size: int, max_draft_tokens: int, max_num_to
     return sorted(sizes)
 
 
-def host_halves(gm: GraphModule, sizes: PoolSizes, device) -> list:
+def host_halves(record: GraphRecord, sizes: PoolSizes, device) -> list:
     """The host halves the graph's cached ops declare (autodeploy.backends.HostHalf), one per id:
     they run before every step, on every path (eager, warm-up, capture, replay)."""
-    return build_host_halves(gm.meta, sizes.max_batch_size + 1, sizes.max_pages_per_seq, device)
+    return build_host_halves(record, sizes.max_batch_size + 1, sizes.max_pages_per_seq, device)
 
 
 class GraphRunner:
+    step_inputs: tuple[str, ...] = STEP_INPUTS  # the inputs besides caches that a step provides (BatchInputs)
+
     def __init__(self, gm: GraphModule, sizes: PoolSizes, device: torch.device | str = "cpu",
                  compile_mode: str = "eager", capture_sizes: list[int] | None = None):
         self.gm, self.sizes = gm, sizes
-        specs: list[CacheSpec] = gm.meta.get("autodeploy_caches", [])
-        self.pools = CachePools(specs, sizes, device)
+        self.record = record = graph_record(gm)
+        record.check_graph(gm, self.step_inputs)
+        record.check_sizes(sizes)
+        self.pools = CachePools(list(record.caches), sizes, device)
         self.inputs = BatchInputs(sizes.max_batch_size, sizes.max_num_tokens, sizes.max_pages_per_seq, device)
-        self.input_names = placeholder_names(gm)
+        self.input_names = list(record.inputs)
         self.timings: dict[str, float] = {"fill": 0.0, "plan": 0.0, "launch": 0.0}  # host seconds per part of run()
-        self.gathers_rows = bool(gm.meta.get("autodeploy_logit_rows"))  # the graph returns only those rows
-        self.host_halves = host_halves(gm, sizes, device)
+        self.gathers_rows = record.logit_rows  # the graph returns only those rows
+        self.host_halves = host_halves(record, sizes, device)
         self.device = torch.device(device)
         # small index lists go to the device through pinned staging without a host sync
         self._index_host = torch.zeros(4 * (sizes.max_batch_size + 1) + sizes.max_num_tokens, dtype=torch.long,

@@ -22,7 +22,7 @@ __all__ = ["LiveServer", "build_app", "describe", "serve", "EngineLoop"]
 
 def describe(llm: Any, model_name: str, url: str) -> str:
     """The startup line: where the server listens and how the engine is configured."""
-    cfg, backends = llm.config, llm.gm.meta.get("autodeploy_backends", {})
+    cfg, backends = llm.config, llm.record.backends
     return (f"autodeploy serve: {url}/v1 (OpenAI API), model {model_name!r} ({type(llm.model).__name__}, "
             f"{'with' if llm.tokenizer is not None else 'no'} tokenizer), {cfg.dtype} on {cfg.device}, "
             f"max_batch_size {cfg.max_batch_size}, max_seq_len {cfg.max_seq_len}, max_num_tokens "

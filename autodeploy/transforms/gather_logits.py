@@ -14,8 +14,8 @@ The rows (the last token of each lane, all 1 + K tokens of a verify lane; see
 ``prepare_logit_rows``) are computed in the graph from the raw inputs. The cut is placed as early
 as the per-token tail of the graph allows: through the LM head, casts, soft-caps and a matched
 ``autodeploy::rms_norm``, so a 2k-token prefill chunk never materialises [2k, vocab] logits. The
-graph's output then holds the returned rows lane after lane; ``gm.meta["autodeploy_logit_rows"]``
-tells the runner so.
+graph's output then holds the returned rows lane after lane; the graph's record (``logit_rows``,
+``max_draft_tokens``) tells the runner so.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from autodeploy.fx_utils import graph_input
+from autodeploy.graph_record import add_input, record_bound, update_record
 from autodeploy.transforms.base import Transform, TransformConfig, TransformInfo
 
 aten = torch.ops.aten
@@ -92,12 +92,13 @@ class GatherLogits(Transform):
             node = x
         cut_input = _token_input(node)
         input_ids = next(n for n in graph.nodes if n.op == "placeholder")
-        seq_lens, verify = graph_input(gm, "seq_lens"), graph_input(gm, "verify")
+        seq_lens, verify = add_input(gm, "seq_lens"), add_input(gm, "verify")
         with graph.inserting_before(node):
             rows = graph.call_function(PREPARE_ROWS, (input_ids, seq_lens, verify, 1 + k))
             gathered = graph.call_function(aten.index_select.default, (cut_input, 1, rows))
         node.replace_input_with(cut_input, gathered)
-        gm.meta["autodeploy_logit_rows"] = True
+        record_bound(gm, "max_draft_tokens", k, self.name)  # 1 + K rows per lane at most
+        update_record(gm, logit_rows=True)
         info.num_matches = 1
         info.changed = True
         info.details["gathered_before"] = str(node.target)

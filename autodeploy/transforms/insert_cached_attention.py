@@ -13,9 +13,10 @@ After (one prepare node per pool, shared by the layers that use it)::
 Full-attention layers (W = 0) share the paged pool addressed by ``page_table``; sliding-window
 layers with window W use a pool of per-slot rings bounded by W and the step's token budget, not by
 the sequence length; block-local (chunked) layers with chunk C likewise, rings bounded by C (a
-query never sees more than the C - 1 keys before it). Raw inputs and caches become graph inputs; specs go to
-``gm.meta["autodeploy_caches"]``. A backend with a host half (``autodeploy.backends.HostHalf``)
-takes one argument more, the id of its host half, whose spec is recorded on the graph
+query never sees more than the C - 1 keys before it). Raw inputs and caches become graph inputs,
+recorded with the cache specs, the page size and the token budget in the graph's record
+(``autodeploy.graph_record``). A backend with a host half (``autodeploy.backends.HostHalf``)
+takes one argument more, the id of its host half, whose spec is recorded there too
 (``backends.record_host_half``); layers with equal specs share one.
 """
 
@@ -31,7 +32,8 @@ from autodeploy.backends import cached_op, host_half_class, record_host_half
 from autodeploy.cache_spec import POOL_FULL, RAW_INPUTS, CacheSpec, chunk_pool, swa_pool
 from autodeploy.custom_ops.attention import CachedAttentionLayer
 from autodeploy.custom_ops.prepare_metadata import swa_ring_pages
-from autodeploy.fx_utils import graph_input, op_kwargs, op_nodes
+from autodeploy.fx_utils import op_kwargs, op_nodes
+from autodeploy.graph_record import add_cache, add_input, graph_record, record_bound
 from autodeploy.transforms.base import Transform, TransformConfig, TransformInfo
 
 ATTENTION = torch.ops.autodeploy.attention.default
@@ -61,12 +63,14 @@ class InsertCachedAttention(Transform):
             return
         graph = gm.graph
         input_ids = next(n for n in graph.nodes if n.op == "placeholder")
-        raw = {name: graph_input(gm, name) for name in RAW_INPUTS}
-        specs: list[CacheSpec] = gm.meta.setdefault("autodeploy_caches", [])
+        raw = {name: add_input(gm, name) for name in RAW_INPUTS}
+        record_bound(gm, "page_size", cfg.page_size, self.name)
+        record_bound(gm, "max_num_tokens", cfg.max_num_tokens, self.name)
+        specs: list[CacheSpec] = []
         prepared: dict[tuple[int, int], list[torch.fx.Node]] = {}  # by (ring bound, chunk)
         ring_pages_of: dict[tuple[int, int], int] = {}
-        export_meta = gm.meta.get("autodeploy")
-        full_pages = -(-export_meta.max_seq_len // cfg.page_size) if export_meta is not None else None
+        exported_len = graph_record(gm).max_seq_len
+        full_pages = -(-exported_len // cfg.page_size) if exported_len is not None else None
         for index, node in enumerate(nodes):
             kw = op_kwargs(node)
             op_window, op_chunk = int(kw["sliding_window"]), int(kw["attention_chunk"])
@@ -91,7 +95,7 @@ class InsertCachedAttention(Transform):
             for which in ("k", "v"):
                 name = f"{which}_cache_{index}"
                 specs.append(CacheSpec(name, "kv", pool, (hkv, head_dim), k_val.dtype, window, ring))
-                caches.append(graph_input(gm, name))
+                caches.append(add_cache(gm, specs[-1]))
             with graph.inserting_before(node):
                 if key not in prepared:
                     prep = graph.call_function(PREPARE, (
@@ -113,7 +117,7 @@ class InsertCachedAttention(Transform):
                     spec = host_half.spec_for(layer)
                 except ValueError as e:
                     raise ValueError(f"{self.name}: {e}") from None
-                cached.args = (*cached.args, record_host_half(gm.meta, "attention", cfg.backend, spec))
+                cached.args = (*cached.args, record_host_half(gm, "attention", cfg.backend, spec))
             cached.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack")})
             node.replace_all_uses_with(cached)
             graph.erase_node(node)

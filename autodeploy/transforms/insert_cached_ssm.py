@@ -31,7 +31,8 @@ from torch.fx import GraphModule
 
 from autodeploy.backends import cached_op
 from autodeploy.cache_spec import POOL_REPLAY, RAW_INPUTS, CacheSpec
-from autodeploy.fx_utils import graph_input, op_kwargs, op_nodes
+from autodeploy.fx_utils import op_kwargs, op_nodes
+from autodeploy.graph_record import add_cache, add_input, record_bound
 from autodeploy.transforms.base import Transform, TransformConfig, TransformInfo
 
 SSD_SCAN = torch.ops.autodeploy.ssd_scan.default
@@ -60,12 +61,11 @@ class InsertCachedSSM(Transform):
         cached_scan, cached_conv = cached_op("ssd_scan", backend), cached_op("causal_conv1d", backend)
         graph = gm.graph
         input_ids = next(n for n in graph.nodes if n.op == "placeholder")
-        raw = {name: graph_input(gm, name) for name in RAW_INPUTS}
-        specs: list[CacheSpec] = gm.meta.setdefault("autodeploy_caches", [])
+        raw = {name: add_input(gm, name) for name in RAW_INPUTS}
+        record_bound(gm, "max_draft_tokens", k, self.name)  # the replay buffers hold 1 + K tokens
 
         def cache(name: str, pool: str, shape: tuple[int, ...], dtype: torch.dtype):
-            specs.append(CacheSpec(name, "state", pool, shape, dtype))
-            return graph_input(gm, name)
+            return add_cache(gm, CacheSpec(name, "state", pool, shape, dtype))
 
         def replay(name: str, shape: tuple[int, ...], dtype: torch.dtype):
             return cache(name, POOL_REPLAY, (k + 1, *shape), dtype) if k else None

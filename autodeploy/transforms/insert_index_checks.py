@@ -27,8 +27,9 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from autodeploy.cache_spec import POOL_REPLAY, CacheSpec
+from autodeploy.cache_spec import POOL_REPLAY
 from autodeploy.fx_utils import op_kwargs
+from autodeploy.graph_record import graph_record
 from autodeploy.transforms.base import Transform, TransformConfig, TransformInfo
 
 CHECK_ATTENTION = torch.ops.autodeploy.check_attention_metadata.default
@@ -68,7 +69,7 @@ class InsertIndexChecks(Transform):
 
     def apply(self, gm: GraphModule, info: TransformInfo) -> None:
         graph = gm.graph
-        specs: list[CacheSpec] = gm.meta.get("autodeploy_caches", [])
+        specs = graph_record(gm).caches
         replay_capacity = max((s.shape[0] for s in specs if s.pool == POOL_REPLAY), default=0)
         checked: dict[tuple, list[Node]] = {}
         for node in list(graph.nodes):

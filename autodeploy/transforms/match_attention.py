@@ -33,6 +33,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from autodeploy.fx_utils import owning_module, subgraph_module
+from autodeploy.graph_record import graph_record
 from autodeploy.transforms.base import Transform, TransformConfig, TransformInfo
 
 logger = logging.getLogger("autodeploy.transforms")
@@ -218,10 +219,10 @@ class MatchAttention(Transform):
     Config = MatchAttentionConfig
 
     def apply(self, gm: GraphModule, info: TransformInfo) -> None:
-        export_info = gm.meta.get("autodeploy")
+        exported_len = graph_record(gm).max_seq_len
         length = self.config.probe_length
-        if export_info is not None:
-            length = min(length, export_info.max_seq_len)
+        if exported_len is not None:
+            length = min(length, exported_len)
         if self.config.unmatched not in ("warn", "error"):
             raise ValueError(f"{self.name}: unmatched must be 'warn' or 'error', got {self.config.unmatched!r}")
         matched, unmatched = self.replace_all(gm, MaskProbe(gm, length))

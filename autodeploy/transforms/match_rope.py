@@ -21,6 +21,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from autodeploy.fx_utils import attr_value, is_op
+from autodeploy.graph_record import graph_record
 from autodeploy.transforms.base import Transform, TransformConfig, TransformInfo
 
 aten = torch.ops.aten
@@ -144,8 +145,7 @@ class MatchRope(Transform):
         position_ids = next((n for n in graph.nodes if n.op == "placeholder" and n.target == "position_ids"), None)
         if position_ids is None:
             return
-        export_meta = gm.meta.get("autodeploy")
-        length = self.config.max_positions or (export_meta.max_seq_len if export_meta is not None else None)
+        length = self.config.max_positions or graph_record(gm).max_seq_len
         if not isinstance(length, int) or length <= 0:
             raise ValueError(f"{self.name}: max_positions must be a positive int (or export metadata must give "
                              f"max_seq_len), got {length!r}")

@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch.fx import GraphModule
 
 from autodeploy import backends
+from autodeploy.graph_record import record_backends
 from autodeploy.transforms.base import TransformInfo
 
 if TYPE_CHECKING:
@@ -134,12 +135,13 @@ def cached_pipeline_plan(cfg: DeployConfig, chosen: Mapping[str, str], rank: int
 
 def build_cached_graph(model: nn.Module, cfg: DeployConfig, rank: int = 0) -> tuple[GraphModule, list[TransformInfo]]:
     """Export ``model`` and run the cached pipeline for a completed ``cfg``: (graph, transform infos).
-    The graph's ``meta["autodeploy_backends"]`` records the backends chosen."""
+    The graph's record (``autodeploy.graph_record``) holds what the runtime needs, the backends
+    chosen included."""
     from autodeploy.export import export_model
 
     chosen = resolve_backends(cfg)
     gm = export_model(model, max_seq_len=cfg.max_seq_len)
     names, options = cached_pipeline_plan(cfg, chosen, rank)
     infos = run_pipeline(gm, names, options)
-    gm.meta["autodeploy_backends"] = chosen
+    record_backends(gm, chosen)
     return gm, infos

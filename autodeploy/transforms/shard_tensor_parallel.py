@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from torch.fx import GraphModule
 
 import autodeploy.custom_ops.all_reduce  # noqa: F401  (registers autodeploy::all_reduce)
+from autodeploy.graph_record import graph_record
 from autodeploy.transforms.base import Transform, TransformConfig, TransformInfo
 from autodeploy.transforms.tensor_parallel.regions import (
     ATTENTION,
@@ -86,7 +87,7 @@ class ShardTensorParallel(Transform):
         info.details.update(rank=rank, world_size=ws)
         if ws == 1:
             return
-        if gm.meta.get("autodeploy_caches"):
+        if graph_record(gm).caches:
             raise ValueError(f"{self.name} must run before insert_cached_attention / insert_cached_ssm: "
                              "caches are sized from the sharded head counts")
         slicer = _ParamSlicer(gm)

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from autodeploy import LLM, DeployConfig, SamplingParams
-from autodeploy.fx_utils import graph_input, op_nodes
+from autodeploy.cache_spec import STEP_INPUTS
+from autodeploy.fx_utils import op_nodes
+from autodeploy.graph_record import add_input
 from autodeploy.models import build_model
 from autodeploy.runtime.engine import Engine
 from autodeploy.runtime.pools import PoolSizes
@@ -54,6 +56,8 @@ class SideCallRunner(GraphRunner):
     """The design this project forbids: SSM replay metadata computed by the runtime beside the
     graph and handed to it as inputs."""
 
+    step_inputs = (*STEP_INPUTS, *(f"side_ssm_meta_{i}" for i in range(4)))
+
     def _args(self, by_name):
         meta = PREPARE_SSM(*(by_name[n] for n in ("input_ids", "seq_lens", "cached_lens", "accepted_lens", "verify")))
         by_name.update({f"side_ssm_meta_{i}": m for i, m in enumerate(meta)})
@@ -64,7 +68,7 @@ def hoist_ssm_prepare(gm):
     (prepare,) = op_nodes(gm, PREPARE_SSM)
     for user in list(prepare.users):
         assert user.target is operator.getitem
-        user.replace_all_uses_with(graph_input(gm, f"side_ssm_meta_{user.args[1]}"))
+        user.replace_all_uses_with(add_input(gm, f"side_ssm_meta_{user.args[1]}"))
         gm.graph.erase_node(user)
     gm.graph.erase_node(prepare)
     gm.recompile()

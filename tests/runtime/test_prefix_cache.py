@@ -145,7 +145,7 @@ def test_poisoned_steps_with_cached_prefixes_give_the_same_tokens():
 
 def test_cache_bytes_report_the_snapshot_pool():
     llm = LLM(model("hybrid"), **OPTIONS, **CACHING, prefix_snapshots=5)
-    specs = llm.gm.meta["autodeploy_caches"]
+    specs = list(llm.record.caches)
     assert llm.cache_bytes()[POOL_SNAPSHOTS] == snapshot_bytes(specs, llm.engine.sizes) > 0
     assert POOL_SNAPSHOTS not in plain("hybrid").cache_bytes()
 
@@ -240,7 +240,7 @@ def test_cuda_graphs_with_prefix_caching_give_eager_tokens(name):
 def test_default_snapshot_pool_takes_at_most_a_quarter_of_a_cache_budget():
     import dataclasses
 
-    specs = plain("hybrid").gm.meta["autodeploy_caches"]
+    specs = list(plain("hybrid").record.caches)
     each = snapshot_bytes(specs, dataclasses.replace(plain("hybrid").engine.sizes, num_snapshots=1))
     llm = LLM(model("hybrid"), **OPTIONS, enable_prefix_caching=True, max_cache_bytes=20 * each)
     assert llm.engine.sizes.num_snapshots == 5 and llm.cache_bytes()[POOL_SNAPSHOTS] == 5 * each

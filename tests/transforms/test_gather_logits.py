@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from autodeploy import LLM
+from autodeploy.graph_record import graph_record
 from autodeploy.models import build_model
 from autodeploy.runtime.batch import LaneInput
 
@@ -26,8 +27,8 @@ def test_rows_equal_the_full_graphs_rows(name):
     gathered = LLM(model, speculative_config=spec, **OPTIONS)
     full = LLM(model, speculative_config=spec, perf_transforms={"gather_logits": False}, **OPTIONS)
     lm_head = [n for n in gathered.gm.graph.nodes if n.target == aten.index_select.default]
-    assert len(lm_head) == 1 and gathered.gm.meta["autodeploy_logit_rows"]
-    assert "autodeploy_logit_rows" not in full.gm.meta
+    assert len(lm_head) == 1 and graph_record(gathered.gm).logit_rows
+    assert not graph_record(full.gm).logit_rows
     # the prefill lane's rows: 40 tokens in, 1 + 1 + 3 rows of logits out
     rows = gathered.engine.runner.run(_lanes())
     assert rows.shape == (5, model.config.vocab_size)

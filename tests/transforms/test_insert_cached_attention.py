@@ -5,6 +5,7 @@ import torch
 from autodeploy import export_model
 from autodeploy.cache_spec import POOL_FULL, swa_pool
 from autodeploy.fx_utils import op_nodes, placeholder_names
+from autodeploy.graph_record import graph_record
 from autodeploy.models import build_model
 from autodeploy.runtime.batch import BatchInputs, LaneInput
 from autodeploy.runtime.pools import CachePools, PoolSizes
@@ -24,7 +25,7 @@ def test_gemma3_gets_two_pools_and_one_prepare_node_per_pool():
     assert infos[1].num_matches == 6 and infos[1].details["prepare_nodes"] == 2
     counts = op_counts(gm)
     assert counts[CACHED] == 6 and counts[ATTENTION] == 0 and counts[PREPARE] == 2
-    specs = gm.meta["autodeploy_caches"]
+    specs = graph_record(gm).caches
     assert sorted({s.pool for s in specs}) == [POOL_FULL, swa_pool(16)]
     # every cached op reads metadata that a prepare node in this graph wrote
     for node in op_nodes(gm, CACHED):
@@ -57,7 +58,7 @@ def test_swa_pool_does_not_grow_with_max_seq_len():
         run_pipeline(gm, ["match_attention", "insert_cached_attention"],
                      {"insert_cached_attention": {"page_size": 8, "max_num_tokens": 32}})
         sizes = PoolSizes(2, max_seq_len, 8, 32)
-        bytes_at[max_seq_len] = CachePools(gm.meta["autodeploy_caches"], sizes).bytes_by_pool()
+        bytes_at[max_seq_len] = CachePools(list(graph_record(gm).caches), sizes).bytes_by_pool()
     assert set(bytes_at[128]) == {swa_pool(24)}
     assert bytes_at[128] == bytes_at[1024]
 
@@ -86,7 +87,7 @@ def test_ring_pools_take_their_size_from_the_graph():
     gm = export_model(build_model("mistral"), max_seq_len=128)  # every layer has window 24
     run_pipeline(gm, ["match_attention", "insert_cached_attention"],
                  {"insert_cached_attention": {"page_size": 8, "max_num_tokens": 32}})
-    specs = gm.meta["autodeploy_caches"]
+    specs = graph_record(gm).caches
     ring = swa_ring_pages(24, 32, 8)
     assert {s.ring_pages for s in specs} == {ring}
     assert {n.args[-1] for n in op_nodes(gm, PREPARE)} == {ring}

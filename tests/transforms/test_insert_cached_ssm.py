@@ -5,6 +5,7 @@ import torch
 
 from autodeploy import export_model
 from autodeploy.fx_utils import op_nodes, placeholder_names
+from autodeploy.graph_record import graph_record
 from autodeploy.models import build_model
 from autodeploy.runtime.batch import BatchInputs, LaneInput
 from autodeploy.runtime.pools import CachePools, PoolSizes
@@ -25,7 +26,7 @@ def test_mamba2_prefill_chunk_then_decodes_match_uncached():
     counts = op_counts(gm)
     assert counts[SCAN] == 2 and counts[CONV] == 2 and counts[PREPARE] == 1
     assert counts[SSD_SCAN] == 0 and counts[CAUSAL_CONV1D] == 0
-    specs = gm.meta["autodeploy_caches"]
+    specs = graph_record(gm).caches
     assert [s.pool for s in specs] == ["ssm", "ssm", "conv", "conv"]
 
     sizes = PoolSizes(max_batch_size=3, max_seq_len=64, page_size=8, max_num_tokens=32, num_full_pages=0)
@@ -57,7 +58,7 @@ def test_verify_lane_keeps_the_state_and_the_next_step_replays_the_accepted_toke
     gm = export_model(model, max_seq_len=64)
     uncached = export_model(model, max_seq_len=64)
     run_pipeline(gm, ["insert_cached_ssm"], {"insert_cached_ssm": {"max_draft_tokens": 3}})
-    specs = gm.meta["autodeploy_caches"]
+    specs = graph_record(gm).caches
     replay = [s for s in specs if s.pool == "replay"]
     assert sorted(s.name.rsplit("_", 1)[0] for s in replay) == ["replay_B"] * 2 + ["replay_conv"] * 2 + \
         ["replay_dt"] * 2 + ["replay_x"] * 2
