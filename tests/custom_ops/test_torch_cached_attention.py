@@ -64,7 +64,8 @@ def _definition(q, k_cache, v_cache, seq_lens, cached_lens, row, scale, window, 
     for b, (n, cached) in enumerate(zip(seq_lens, cached_lens)):
         for i in range(n):
             p = cached + i
-            visible = [j for j in range(p + 1) if (not window or j > p - window) and (not chunk or j // chunk == p // chunk)]
+            visible = [j for j in range(p + 1)
+                       if (not window or j > p - window) and (not chunk or j // chunk == p // chunk)]
             rows = [row(b, j) for j in visible]
             for h in range(hq):
                 kh = h // (hq // hkv)
