@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear"]
+__all__ = ["linear", "linear_body"]
 
 
 def _use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -22,14 +22,19 @@ def _use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.dtype == x.dtype and weight.dim() == 2 and weight.stride(-1) == 1)
 
 
-@torch.library.custom_op("autodeploy::linear", mutates_args=())
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; x [..., in], weight [out, in], bias [out] -> [..., out]."""
+def linear_body(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """What ``autodeploy::linear`` runs; fused ops call it as a plain function (no dispatch)."""
     if _use_gemv(x, weight):
         from autodeploy.custom_ops.triton_gemv import triton_gemv
 
         return triton_gemv(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+@torch.library.custom_op("autodeploy::linear", mutates_args=())
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; x [..., in], weight [out, in], bias [out] -> [..., out]."""
+    return linear_body(x, weight, bias)
 
 
 @linear.register_fake

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from autodeploy.custom_ops.rms_norm import fused_add_rms_norm, rms_norm
+from autodeploy.custom_ops.rms_norm import fused_add_rms_norm_body, rms_norm_body
 
 __all__ = ["rms_norm_add_rms_norm"]
 
@@ -28,8 +28,8 @@ def rms_norm_add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, wei
 
         return triton_norm_add_norm(x, weight, eps, weight_offset, cast_first, out_dtype, residual, weight2, eps2,
                                     weight_offset2, cast_first2, out_dtype2)
-    first = rms_norm(x, weight, None, eps, 0, weight_offset, cast_first, out_dtype)
-    return fused_add_rms_norm(first, residual, weight2, eps2, weight_offset2, cast_first2, out_dtype2)
+    first = rms_norm_body(x, weight, None, eps, 0, weight_offset, cast_first, out_dtype)
+    return fused_add_rms_norm_body(first, residual, weight2, eps2, weight_offset2, cast_first2, out_dtype2)
 
 
 @rms_norm_add_rms_norm.register_fake

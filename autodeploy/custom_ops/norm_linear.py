@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from autodeploy.custom_ops.linear import _use_gemv, linear
-from autodeploy.custom_ops.rms_norm import fused_add_rms_norm, rms_norm
+from autodeploy.custom_ops.linear import _use_gemv, linear_body
+from autodeploy.custom_ops.rms_norm import fused_add_rms_norm_body, rms_norm_body
 
 __all__ = ["rms_norm_linear", "fused_add_rms_norm_linear"]
 
@@ -27,7 +27,7 @@ def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weig
         from autodeploy.custom_ops.triton_norm_gemv import triton_norm_gemv
 
         return triton_norm_gemv(x, None, norm_weight, eps, weight_offset, cast_first, weight, bias)[0]
-    return linear(rms_norm(x, norm_weight, None, eps, 0, weight_offset, cast_first, norm_dtype), weight, bias)
+    return linear_body(rms_norm_body(x, norm_weight, None, eps, 0, weight_offset, cast_first, norm_dtype), weight, bias)
 
 
 @rms_norm_linear.register_fake
@@ -44,8 +44,8 @@ def fused_add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weig
         from autodeploy.custom_ops.triton_norm_gemv import triton_norm_gemv
 
         return triton_norm_gemv(x, residual, norm_weight, eps, weight_offset, cast_first, weight, bias)
-    normed, total = fused_add_rms_norm(x, residual, norm_weight, eps, weight_offset, cast_first, norm_dtype)
-    return linear(normed, weight, bias), total
+    normed, total = fused_add_rms_norm_body(x, residual, norm_weight, eps, weight_offset, cast_first, norm_dtype)
+    return linear_body(normed, weight, bias), total
 
 
 @fused_add_rms_norm_linear.register_fake

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from autodeploy.custom_ops.rms_norm import rms_norm
-from autodeploy.custom_ops.rope import rope
+from autodeploy.custom_ops.rms_norm import rms_norm_body
+from autodeploy.custom_ops.rope import rope_body
 
 __all__ = ["rms_norm_rope"]
 
@@ -27,9 +27,9 @@ def rms_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_we
 
         return triton_norm_rope(q, k, q_weight, k_weight, eps, weight_offset, cast_first, position_ids, cos, sin,
                                 token_dim)
-    qn = rms_norm(q, q_weight, None, eps, 0, weight_offset, cast_first, q.dtype)
-    kn = rms_norm(k, k_weight, None, eps, 0, weight_offset, cast_first, k.dtype)
-    return rope(qn, kn, position_ids, cos, sin, token_dim)
+    qn = rms_norm_body(q, q_weight, None, eps, 0, weight_offset, cast_first, q.dtype)
+    kn = rms_norm_body(k, k_weight, None, eps, 0, weight_offset, cast_first, k.dtype)
+    return rope_body(qn, kn, position_ids, cos, sin, token_dim)
 
 
 @rms_norm_rope.register_fake

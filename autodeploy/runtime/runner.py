@@ -74,6 +74,10 @@ class GraphRunner:
             raise ValueError(f"compile mode {compile_mode!r} unknown; known: {sorted(COMPILE_MODES)}")
         self.mode = COMPILE_MODES[compile_mode]
         self.fn = torch.compile(gm, dynamic=True, fullgraph=True) if "inductor" in self.mode else gm
+        if self.mode == "eager" and self.device.type == "cpu":  # the same graph, no custom-op dispatch
+            from autodeploy.runtime.direct_calls import direct_calls
+
+            self.fn = direct_calls(gm)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
         self.capture_bytes = 0
