@@ -18,15 +18,20 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch._library.custom_ops import OPDEFS
 from torch.fx import Graph, GraphModule
+
+try:  # torch's registry of custom ops by name (private): without it every op stays a dispatched call
+    from torch._library.custom_ops import OPDEFS
+except ImportError:
+    OPDEFS = {}
 
 __all__ = ["direct_calls", "python_body"]
 
 
 def python_body(target: object) -> Callable | None:
     """The Python function an ``autodeploy`` custom op (``torch.library.custom_op``) runs, or None
-    for any other call target."""
+    for any other call target (and where this torch version does not expose it: the node then
+    keeps its dispatched call, which computes the same)."""
     if not isinstance(target, torch._ops.OpOverload) or target.namespace != "autodeploy":
         return None
     opdef = OPDEFS.get(target._schema.name)
